@@ -185,10 +185,8 @@ def _load_state(model, files, quantized, prequant, quant, device, dtype) -> None
         loaded.add(key)
 
     for owner, parts in pending.items():
+        loaded.update(f"{owner}.{leaf}" for leaf in ("weight", "bias") if leaf in parts)
         _load_linear4bit(model.get_submodule(owner), owner, parts, prequant is not None, quant, device)
-        loaded.add(owner + ".weight")
-        if "bias" in parts:
-            loaded.add(owner + ".bias")
     missing = sorted(set(params) - loaded)
     if missing or unexpected:
         raise CheckpointError(

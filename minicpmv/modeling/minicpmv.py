@@ -8,6 +8,7 @@ Qwen2 forward.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -17,6 +18,15 @@ from transformers import Qwen2ForCausalLM
 from minicpmv.config import MiniCPMVConfig
 from minicpmv.modeling.resampler import Resampler
 from minicpmv.modeling.vision import NavitVisionTransformer
+
+
+# transformers renamed ``past_key_values`` to ``cache`` during 5.x; the GPU image has an older 5.x.
+_CACHE_KWARG = "cache" if "cache" in inspect.signature(Qwen2ForCausalLM.forward).parameters else "past_key_values"
+
+
+def output_cache(output):
+    """The KV cache returned by an LLM forward, whatever this transformers version calls it."""
+    return getattr(output, _CACHE_KWARG, None)
 
 
 class MiniCPMV(nn.Module):
@@ -98,7 +108,7 @@ class MiniCPMV(nn.Module):
         tgt_sizes: Sequence[torch.Tensor] | None = None,
         image_bounds: Sequence[torch.Tensor] | None = None,
         image_embeds: Sequence[torch.Tensor | None] | None = None,
-        past_key_values=None,
+        cache=None,
         use_cache: bool = False,
         logits_to_keep: int = 0,
     ):
@@ -107,7 +117,7 @@ class MiniCPMV(nn.Module):
         Either pass ``pixel_values`` (per sample, per chunk) with ``tgt_sizes`` (per sample
         [k, 2]), or precomputed ``image_embeds`` (per sample [k, Q, D]). Position ids default
         to ``cumsum(attention_mask) - 1``, so left padding is handled. Returns the transformers
-        ``CausalLMOutputWithPast`` of the LLM.
+        ``CausalLMOutputWithPast`` of the LLM (read its cache with ``output_cache``).
         """
         if pixel_values is not None:
             if tgt_sizes is None:
@@ -120,9 +130,9 @@ class MiniCPMV(nn.Module):
             inputs_embeds=embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
+            **{_CACHE_KWARG: cache},
         )
 
     def encode_per_sample(
@@ -136,3 +146,44 @@ class MiniCPMV(nn.Module):
         sizes = torch.cat([torch.as_tensor(t).reshape(-1, 2) for t, n in zip(tgt_sizes, counts, strict=True) if n])
         encoded = self.encode_images(flat, sizes)
         return [part if len(part) else None for part in encoded.split(counts)]
+
+    @torch.inference_mode()
+    def generate_greedy(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        max_new_tokens: int,
+        stop_token_ids: Sequence[int] = (),
+        **image_inputs,
+    ) -> list[list[int]]:
+        """Plain greedy decoding of a (left-padded) batch, one request at a time style.
+
+        This is the reference loop (no batching across requests, no sampling) used by tests and
+        as the benchmark baseline; serving goes through the engine. ``image_inputs`` are
+        forwarded to ``forward`` (pixel_values, tgt_sizes, image_bounds or image_embeds).
+        Returns the new tokens of each sample, cut after the first stop token.
+        """
+        from transformers import DynamicCache
+
+        device = self.device
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        cache = DynamicCache()
+        out = self(input_ids, attention_mask=attention_mask, cache=cache, use_cache=True, logits_to_keep=1,
+                   **image_inputs)
+        batch = input_ids.shape[0]
+        results: list[list[int]] = [[] for _ in range(batch)]
+        done = [False] * batch
+        positions = attention_mask.long().sum(-1, keepdim=True) - 1
+        for _ in range(max_new_tokens):
+            next_ids = out.logits[:, -1].argmax(-1)
+            for b, token in enumerate(next_ids.tolist()):
+                if not done[b]:
+                    results[b].append(token)
+                    done[b] = token in stop_token_ids
+            if all(done):
+                break
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
+            positions = positions + 1
+            out = self(next_ids[:, None], attention_mask=attention_mask, position_ids=positions,
+                       cache=output_cache(out), use_cache=True)
+        return results

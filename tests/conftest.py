@@ -1,0 +1,61 @@
+"""Shared fixtures: the golden reference data and tiny checkpoints written by our own tooling."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+FIXTURES = Path(__file__).parent / "fixtures"
+GOLDEN = FIXTURES / "golden"
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def model_cases() -> dict:
+    return json.loads((GOLDEN / "model_cases.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def model_arrays():
+    return np.load(GOLDEN / "model_cases.npz")
+
+
+@pytest.fixture(scope="session")
+def lut() -> np.ndarray:
+    return np.load(GOLDEN / "processor_arrays.npz")["lut"]
+
+
+@pytest.fixture(scope="session")
+def golden_checkpoint(tmp_path_factory) -> Path:
+    """The reference's tiny checkpoint, unpacked next to its config files."""
+    out = tmp_path_factory.mktemp("golden_tiny")
+    for name in ("config.json", "preprocessor_config.json", "generation_config.json"):
+        shutil.copy(GOLDEN / "tiny" / name, out / name)
+    (out / "model.safetensors").write_bytes(gzip.decompress((GOLDEN / "tiny" / "model.safetensors.gz").read_bytes()))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_full(tmp_path_factory) -> Path:
+    from minicpmv.devtools.tiny_checkpoint import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_full"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_int4(tmp_path_factory) -> Path:
+    from minicpmv.devtools.tiny_checkpoint import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_int4"), int4=True, seed=0)

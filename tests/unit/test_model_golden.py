@@ -1,0 +1,154 @@
+"""Our model against what the ORIGINAL MiniCPM-V 2.6 code computed on the golden tiny checkpoint.
+
+Inputs are the stored ids, bounds and pixels, so model and processor differences show up
+separately (the processor has its own golden tests). Tolerance 2e-4 absolute: the reference's
+own float32 noise is about 4e-5 (tests/fixtures/golden/README.md, "How to compare").
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from minicpmv.loading import load_model
+from minicpmv.modeling.resampler import sincos_2d
+from minicpmv.modeling.vision import position_ids_for
+
+ATOL = 2e-4
+STOP_IDS = (151645, 151643)
+
+
+@pytest.fixture(scope="module")
+def golden_model(golden_checkpoint):
+    """Eager attention, as the reference ran."""
+    return load_model(golden_checkpoint, dtype="float32", attn_implementation="eager")
+
+
+@pytest.fixture(scope="module")
+def golden_model_sdpa(golden_checkpoint):
+    return load_model(golden_checkpoint, dtype="float32", attn_implementation="sdpa")
+
+
+def case_inputs(case: dict, arrays, lut) -> dict:
+    name = case["name"]
+    ids = torch.from_numpy(arrays[f"{name}__input_ids"]).long()
+    batch = ids.shape[0]
+    inputs = {
+        "input_ids": ids,
+        "attention_mask": torch.from_numpy(arrays[f"{name}__attention_mask"]).long(),
+        "image_bounds": [torch.from_numpy(arrays[f"{name}__image_bound_s{b}"]) for b in range(batch)],
+    }
+    if case["pixel_code_keys"]:
+        tgt = arrays[f"{name}__tgt_sizes"]
+        owner = arrays[f"{name}__chunk_sample"]
+        pixels: list[list[torch.Tensor]] = [[] for _ in range(batch)]
+        sizes: list[list] = [[] for _ in range(batch)]
+        for k, key in enumerate(case["pixel_code_keys"]):
+            pixels[owner[k]].append(torch.from_numpy(lut[arrays[key]]))
+            sizes[owner[k]].append(tgt[k])
+        inputs["pixel_values"] = pixels
+        inputs["tgt_sizes"] = [torch.tensor(np.array(s)).reshape(-1, 2) for s in sizes]
+    return inputs
+
+
+def test_position_buckets_match_reference(model_arrays, model_cases):
+    flat, offsets = model_arrays["vision_bucket_flat"], model_arrays["vision_bucket_offsets"]
+    for n in range(1, 65):
+        ours = position_ids_for(1, n).numpy()  # one row: the ids are the column buckets
+        np.testing.assert_array_equal(ours, flat[offsets[n - 1] : offsets[n]], err_msg=f"n={n}")
+    # The quirk sizes named in MODEL_FACTS §3.3 really differ from floor(70 i / n) ...
+    for n in (25, 49, 50, 55, 58):
+        exact = np.array([70 * i // n for i in range(n)])
+        assert not np.array_equal(position_ids_for(1, n).numpy(), exact), n
+        assert str(n) in model_cases["vision_bucket_quirks"]
+    # ... and rows are bucketed the same way as columns (70 * row bucket).
+    np.testing.assert_array_equal(position_ids_for(25, 1).numpy(), 70 * flat[offsets[24] : offsets[25]])
+
+
+def test_sincos_table_matches_reference(model_arrays):
+    np.testing.assert_allclose(sincos_2d(256, 3, 5), model_arrays["sincos_3x5_D256"], atol=1e-6, rtol=0)
+
+
+def test_vision_tower_output(golden_model, model_cases, model_arrays, lut):
+    case = next(c for c in model_cases["cases"] if c["name"] == "single_small")
+    inputs = case_inputs(case, model_arrays, lut)
+    pixels = inputs["pixel_values"][0][0][None]
+    with torch.no_grad():
+        hidden = golden_model.vpm(pixels, inputs["tgt_sizes"][0])
+    np.testing.assert_allclose(hidden.numpy(), model_arrays["single_small__vpm_last_hidden_state"], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["single_small", "two_images", "batch2_left_pad"])
+def test_vision_embeddings(golden_model, model_cases, model_arrays, lut, name):
+    case = next(c for c in model_cases["cases"] if c["name"] == name)
+    inputs = case_inputs(case, model_arrays, lut)
+    flat = [p for sample in inputs["pixel_values"] for p in sample]
+    with torch.no_grad():
+        embeds = golden_model.encode_images(flat, torch.from_numpy(model_arrays[f"{name}__tgt_sizes"]))
+    np.testing.assert_allclose(embeds.numpy(), model_arrays[f"{name}__vision_embeds"], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["text_only", "single_small", "two_images", "batch2_left_pad"])
+def test_logits_and_greedy_ids(golden_model, model_cases, model_arrays, lut, name):
+    case = next(c for c in model_cases["cases"] if c["name"] == name)
+    inputs = case_inputs(case, model_arrays, lut)
+    with torch.no_grad():
+        logits = golden_model(**inputs).logits
+    valid = inputs["attention_mask"].bool().numpy()
+    live = np.zeros(logits.shape[-1], dtype=bool)
+    live[model_arrays["live_token_ids"]] = True
+
+    np.testing.assert_allclose(logits[:, -1].numpy(), model_arrays[f"{name}__logits_last"], atol=ATOL, rtol=0)
+    assert (logits[:, :, ~live] == 0).all(), "dead ids must have logit exactly 0"
+    cols = logits[:, :, model_arrays["logit_columns"]].numpy()
+    np.testing.assert_allclose(cols[valid], model_arrays[f"{name}__logits_cols"][valid], atol=ATOL, rtol=0)
+    lse = torch.logsumexp(logits.double(), -1).numpy()
+    np.testing.assert_allclose(lse[valid], model_arrays[f"{name}__logits_logsumexp"][valid], atol=ATOL, rtol=0)
+    np.testing.assert_array_equal(logits.argmax(-1).numpy()[valid], model_arrays[f"{name}__logits_argmax"][valid])
+
+    generated = golden_model.generate_greedy(max_new_tokens=16, stop_token_ids=STOP_IDS, **inputs)
+    assert generated == model_arrays[f"{name}__generated_ids"].tolist()
+
+
+@pytest.mark.parametrize("name", ["text_only", "two_images", "batch2_left_pad"])
+def test_sdpa_attention_matches_reference(golden_model_sdpa, model_cases, model_arrays, lut, name):
+    """What we serve with: SDPA in the LLM and the vision tower gives the same last logits and ids."""
+    case = next(c for c in model_cases["cases"] if c["name"] == name)
+    inputs = case_inputs(case, model_arrays, lut)
+    with torch.no_grad():
+        last = golden_model_sdpa(**inputs, logits_to_keep=1).logits[:, -1]
+    np.testing.assert_allclose(last.numpy(), model_arrays[f"{name}__logits_last"], atol=ATOL, rtol=0)
+    generated = golden_model_sdpa.generate_greedy(max_new_tokens=16, stop_token_ids=STOP_IDS, **inputs)
+    assert generated == model_arrays[f"{name}__generated_ids"].tolist()
+
+
+def test_left_padded_sample_equals_alone(golden_model, model_cases, model_arrays, lut):
+    """Sample 0 of batch2_left_pad carries 295 pad tokens; alone it must give the same logits."""
+    case = next(c for c in model_cases["cases"] if c["name"] == "batch2_left_pad")
+    inputs = case_inputs(case, model_arrays, lut)
+    n_pad = case["samples"][0]["n_pad"]
+    assert n_pad > 0
+    alone = {
+        "input_ids": inputs["input_ids"][:1, n_pad:],
+        "attention_mask": inputs["attention_mask"][:1, n_pad:],
+        "image_bounds": [inputs["image_bounds"][0] - n_pad],
+        "pixel_values": inputs["pixel_values"][:1],
+        "tgt_sizes": inputs["tgt_sizes"][:1],
+    }
+    with torch.no_grad():
+        batched = golden_model(**inputs).logits[0, n_pad:]
+        single = golden_model(**alone).logits[0]
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=0)
+
+
+def test_forward_with_images_is_deterministic_and_images_matter(golden_model, model_cases, model_arrays, lut):
+    case = next(c for c in model_cases["cases"] if c["name"] == "single_small")
+    inputs = case_inputs(case, model_arrays, lut)
+    with torch.no_grad():
+        first = golden_model(**inputs).logits
+        second = golden_model(**inputs).logits
+        flipped = dict(inputs, pixel_values=[[inputs["pixel_values"][0][0].flip(-1)]])
+        other = golden_model(**flipped).logits
+    assert torch.equal(first, second)
+    assert (first[0, -1] - other[0, -1]).abs().max() > 1e-2

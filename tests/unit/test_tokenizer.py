@@ -1,0 +1,291 @@
+"""Tests for minicpmv.tokenizer, on the tiny tokenizer written by minicpmv.devtools.tiny_tokenizer."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from minicpmv.devtools.tiny_tokenizer import CHAT_TEMPLATE, write_tiny_tokenizer
+from minicpmv.tokenizer import (
+    DEFAULT_CHAT_TEMPLATE,
+    DEFAULT_STOP_TOKEN_IDS,
+    IMAGE_PLACEHOLDER,
+    PAD_TOKEN_ID,
+    SPECIAL_TOKENS,
+    SpecialTokenIds,
+    load_tokenizer,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
+SAMPLE_TEXT = (
+    'Invoice INV-2024-00731, total $2,262.77 (due 2024-04-14).\n{"paid": false, "items": [1, 2]}\n'
+    "Café crème, Zürich, São Paulo; 发票金额：贰仟元 👍🎉\n\n  indented\tand tabbed!"
+)
+SYSTEM_USER = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "(<image>./</image>)\nWhat is in the image?"},
+]
+EXPECTED_SYSTEM_USER = (
+    "<|im_start|>system\nBe brief.<|im_end|>\n"
+    "<|im_start|>user\n(<image>./</image>)\nWhat is in the image?<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+EXPECTED_DEFAULT_SYSTEM = (
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "<|im_start|>user\nHi<|im_end|>\n"
+    "<|im_start|>assistant\nHello!<|im_end|>\n"
+    "<|im_start|>user\nAgain<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+MULTI_TURN = [
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "Again"},
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("tiny_tokenizer")
+    write_tiny_tokenizer(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_dir: Path):
+    return load_tokenizer(tiny_dir)
+
+
+@pytest.fixture
+def tiny_copy(tiny_dir: Path, tmp_path: Path) -> Path:
+    """A private copy of the tiny tokenizer that a test may modify."""
+    directory = tmp_path / "checkpoint"
+    shutil.copytree(tiny_dir, directory)
+    return directory
+
+
+def _edit_config(directory: Path, **changes) -> None:
+    config_file = directory / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    config_file.write_text(json.dumps(config), encoding="utf-8")
+
+
+def test_writes_the_original_file_layout(tiny_dir: Path) -> None:
+    for name in TOKENIZER_FILES:
+        assert (tiny_dir / name).is_file(), name
+    config = json.loads((tiny_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert config["tokenizer_class"] == "MiniCPMVTokenizerFast"
+    assert config["auto_map"]["AutoTokenizer"][0] == "tokenization_minicpmv_fast.MiniCPMVTokenizerFast"
+    assert {int(i): entry["content"] for i, entry in config["added_tokens_decoder"].items()} == {
+        token_id: token for token, token_id in SPECIAL_TOKENS.items()
+    }
+    added = json.loads((tiny_dir / "added_tokens.json").read_text(encoding="utf-8"))
+    assert added == {token: token_id for token, token_id in SPECIAL_TOKENS.items() if token_id >= 151643}
+
+
+def test_special_tokens_at_their_real_ids(tokenizer) -> None:
+    assert len(SPECIAL_TOKENS) == 24
+    for token, token_id in SPECIAL_TOKENS.items():
+        assert tokenizer.encode(token, add_special_tokens=False) == [token_id], token
+        assert tokenizer.decode([token_id]) == token
+        assert tokenizer.convert_ids_to_tokens(token_id) == token
+    assert tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER) == 128244
+    assert DEFAULT_STOP_TOKEN_IDS == (151645, 151643)
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == 151645
+    assert tokenizer.pad_token == "<|endoftext|>" and tokenizer.unk_token_id == 128244
+    assert tokenizer.model_max_length == 32768
+
+
+def test_special_tokens_inside_text(tokenizer) -> None:
+    text = "<|im_start|>user\n(<image>./</image>)<slice><unk><unk></slice>\nQ<|im_end|>"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert ids[0] == 151644 and ids[-1] == 151645
+    assert ids.count(128244) == 2
+    assert {151646, 151647, 151656, 151657} <= set(ids)
+    assert tokenizer.decode(ids) == text
+
+
+def test_special_token_ids_dataclass(tokenizer) -> None:
+    ids = SpecialTokenIds.from_tokenizer(tokenizer)
+    assert ids == SpecialTokenIds(
+        im_start=151644,
+        im_end=151645,
+        endoftext=151643,
+        image_start=151646,
+        image_end=151647,
+        slice_start=151656,
+        slice_end=151657,
+        image_id_start=151658,
+        image_id_end=151659,
+        unk=128244,
+        newline=198,
+        pad=PAD_TOKEN_ID,
+    )
+    assert ids.pad == 0
+
+
+def test_newline_and_digits_are_single_tokens(tokenizer) -> None:
+    # The byte alphabet is in GPT-2 order, as in Qwen2: "!" = 0, "0".."9" = 15..24, "\n" = 198.
+    assert tokenizer.encode("\n", add_special_tokens=False) == [198]
+    assert tokenizer.encode("!", add_special_tokens=False) == [0]
+    for digit in range(10):
+        assert tokenizer.encode(str(digit), add_special_tokens=False) == [15 + digit]
+    # Qwen2's pre-tokeniser splits numbers into single digits.
+    assert tokenizer.encode("2024", add_special_tokens=False) == [17, 15, 17, 19]
+
+
+def test_ordinary_ids_stay_far_below_the_special_ids(tokenizer) -> None:
+    ordinary = [i for i in tokenizer.get_vocab().values() if i not in SPECIAL_TOKENS.values()]
+    assert max(ordinary) < 1000 and len(ordinary) <= 1000
+    assert len(tokenizer) == len(ordinary) + len(SPECIAL_TOKENS)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        SAMPLE_TEXT,
+        "naïve façade, Ærøskøbing",
+        "日本語のテキストと한국어",
+        "🧾🦜 ∮ E⋅da = Q",
+        "\x00\x07\x7f\r\n",
+        " ",
+    ],
+)
+def test_any_unicode_round_trips(tokenizer, text: str) -> None:
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert max(ids) < 1000
+    assert tokenizer.decode(ids) == text
+
+
+def test_chat_template_comes_from_the_checkpoint(tokenizer) -> None:
+    assert tokenizer.chat_template == CHAT_TEMPLATE
+    rendered = tokenizer.apply_chat_template(SYSTEM_USER, tokenize=False, add_generation_prompt=True)
+    assert rendered == EXPECTED_SYSTEM_USER
+    rendered = tokenizer.apply_chat_template(MULTI_TURN, tokenize=False, add_generation_prompt=True)
+    assert rendered == EXPECTED_DEFAULT_SYSTEM
+    without_prompt = tokenizer.apply_chat_template(SYSTEM_USER, tokenize=False, add_generation_prompt=False)
+    assert without_prompt == EXPECTED_SYSTEM_USER.removesuffix("<|im_start|>assistant\n")
+
+
+def test_default_chat_template_when_the_checkpoint_has_none(tiny_copy: Path) -> None:
+    _edit_config(tiny_copy, chat_template=None)
+    tokenizer = load_tokenizer(tiny_copy)
+    assert tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE
+    assert tokenizer.apply_chat_template(SYSTEM_USER, tokenize=False, add_generation_prompt=True) == (
+        EXPECTED_SYSTEM_USER
+    )
+    assert tokenizer.apply_chat_template(MULTI_TURN, tokenize=False, add_generation_prompt=True) == (
+        EXPECTED_DEFAULT_SYSTEM
+    )
+
+
+def test_chat_template_jinja_file_wins(tiny_copy: Path) -> None:
+    template = "{% for message in messages %}[{{ message['role'] }}] {{ message['content'] }}\n{% endfor %}"
+    (tiny_copy / "chat_template.jinja").write_text(template, encoding="utf-8")
+    tokenizer = load_tokenizer(tiny_copy)
+    assert tokenizer.chat_template == template
+    assert tokenizer.apply_chat_template(MULTI_TURN[:1], tokenize=False) == "[user] Hi\n"
+
+
+def test_named_chat_templates_take_default(tiny_copy: Path) -> None:
+    _edit_config(
+        tiny_copy, chat_template=[{"name": "tool_use", "template": "x"}, {"name": "default", "template": "d"}]
+    )
+    assert load_tokenizer(tiny_copy).chat_template == "d"
+    _edit_config(tiny_copy, chat_template=[{"name": "tool_use", "template": "x"}])
+    with pytest.raises(ValueError, match="default"):
+        load_tokenizer(tiny_copy)
+
+
+def test_fallback_to_vocab_and_merges(tokenizer, tiny_copy: Path) -> None:
+    (tiny_copy / "tokenizer.json").unlink()
+    fallback = load_tokenizer(tiny_copy)
+    text = SAMPLE_TEXT + "<|im_start|>user\n(<image>./</image>)<unk><|im_end|>"
+    assert fallback.encode(text, add_special_tokens=False) == tokenizer.encode(text, add_special_tokens=False)
+    assert fallback.decode(fallback.encode(text)) == text
+    assert SpecialTokenIds.from_tokenizer(fallback) == SpecialTokenIds.from_tokenizer(tokenizer)
+    assert fallback.chat_template == CHAT_TEMPLATE
+
+
+def test_write_is_deterministic(tiny_dir: Path, tmp_path: Path) -> None:
+    write_tiny_tokenizer(tmp_path / "again")
+    for name in TOKENIZER_FILES:
+        assert (tmp_path / "again" / name).read_bytes() == (tiny_dir / name).read_bytes(), name
+
+
+def test_write_rejects_a_bad_vocab_size(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="vocab_size"):
+        write_tiny_tokenizer(tmp_path, vocab_size=100)
+
+
+def test_missing_directory(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_tokenizer(tmp_path / "nowhere")
+
+
+def test_missing_tokenizer_files(tiny_copy: Path) -> None:
+    for name in ("tokenizer.json", "merges.txt"):
+        (tiny_copy / name).unlink()
+    with pytest.raises(FileNotFoundError, match="merges.txt"):
+        load_tokenizer(tiny_copy)
+
+
+def test_wrong_special_token_id_is_refused(tiny_copy: Path) -> None:
+    tokenizer_file = tiny_copy / "tokenizer.json"
+    data = json.loads(tokenizer_file.read_text(encoding="utf-8"))
+    data["model"]["vocab"]["<image>"] = 151700
+    for entry in data["added_tokens"]:
+        if entry["content"] == "<image>":
+            entry["id"] = 151700
+    tokenizer_file.write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(ValueError, match="does not hold a MiniCPM-V 2.6 tokenizer: '<image>'"):
+        load_tokenizer(tiny_copy)
+
+
+def test_special_token_missing_from_the_vocab_is_refused(tiny_copy: Path) -> None:
+    # Without a vocabulary entry the tokenizers library renumbers the added token after the vocabulary.
+    tokenizer_file = tiny_copy / "tokenizer.json"
+    data = json.loads(tokenizer_file.read_text(encoding="utf-8"))
+    del data["model"]["vocab"]["<slice>"]
+    tokenizer_file.write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(ValueError, match="'<slice>'"):
+        load_tokenizer(tiny_copy)
+
+
+def test_no_file_enables_remote_code() -> None:
+    needle = "trust_remote_code" + "=True"
+    excluded = {REPO_ROOT / ".venv", REPO_ROOT / ".git", REPO_ROOT / "tests" / "fixtures"}
+    suffixes = {".py", ".sh", ".md", ".pbtxt", ".txt", ".toml"}
+    offenders = []
+    for root, dirs, files in os.walk(REPO_ROOT):
+        dirs[:] = [d for d in dirs if Path(root, d) not in excluded]
+        for name in files:
+            file = Path(root, name)
+            if file.suffix in suffixes and needle in file.read_text(encoding="utf-8", errors="replace"):
+                offenders.append(str(file.relative_to(REPO_ROOT)))
+    assert not offenders, f"files enabling remote code: {offenders}"
+
+
+def test_config_file_is_optional(tiny_copy: Path) -> None:
+    (tiny_copy / "tokenizer_config.json").unlink()
+    tokenizer = load_tokenizer(tiny_copy)
+    assert tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
+    assert tokenizer.unk_token == IMAGE_PLACEHOLDER
