@@ -159,7 +159,8 @@ class MiniCPMVConfig:
         version = d.get("version")
         if version is None or abs(float(version) - 2.6) > 1e-6:
             raise ConfigError(
-                f"MiniCPM-V version is {version!r}, expected 2.6 (MiniCPM-V 2.0/2.5 and 4.x are different models)"
+                f"MiniCPM-V version is {version!r}, expected 2.6 "
+                "(MiniCPM-V 2.0/2.5 and 4.x are different models)"
             )
         vision_dict = d.get("vision_config")
         if not isinstance(vision_dict, dict):
@@ -174,7 +175,9 @@ class MiniCPMVConfig:
             if rope and isinstance(rope, dict) and rope.get("rope_type", "default") != "default":
                 raise ConfigError(f"unsupported rope scaling {rope!r}: MiniCPM-V 2.6 uses default RoPE")
             if d.get("use_sliding_window"):
-                raise ConfigError("use_sliding_window=true is not supported (MiniCPM-V 2.6 uses full attention)")
+                raise ConfigError(
+                    "use_sliding_window=true is not supported (MiniCPM-V 2.6 uses full attention)"
+                )
             if "torch_dtype" not in llm_fields and isinstance(d.get("dtype"), str):
                 llm_fields["torch_dtype"] = d["dtype"]  # configs re-saved by transformers 5.x
             eos = llm_fields.get("eos_token_id")

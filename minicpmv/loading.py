@@ -67,9 +67,7 @@ def quantized_linear_names(model: nn.Module, skip_modules: tuple[str, ...]) -> l
     for name, module in model.named_modules():
         if type(module) is not nn.Linear:
             continue
-        skipped = any(
-            name == s or name.endswith("." + s) or name.startswith(s + ".") for s in skip_modules
-        )
+        skipped = any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in skip_modules)
         if not skipped:
             names.append(name)
     return names
@@ -82,7 +80,9 @@ def checkpoint_files(directory: Path) -> list[Path]:
         return [directory / f for f in sorted(set(weight_map.values()))]
     files = sorted(directory.glob("*.safetensors"))
     if not files:
-        raise CheckpointError(f"no *.safetensors files in {directory} (PyTorch .bin checkpoints are not supported)")
+        raise CheckpointError(
+            f"no *.safetensors files in {directory} (PyTorch .bin checkpoints are not supported)"
+        )
     return files
 
 
@@ -129,13 +129,19 @@ def load_model(
         quantized = set(quantized_linear_names(model, quant.skip_modules))
         _replace_with_linear4bit(model, quantized, quant)
 
-    _load_state(model, checkpoint_files(directory), quantized, quant if prequantized else None, quant, device, dtype)
+    _load_state(
+        model, checkpoint_files(directory), quantized, quant if prequantized else None, quant, device, dtype
+    )
     _rebuild_rotary(model, config, attn_implementation, device)
     _check_materialized(model)
     model.eval().requires_grad_(False)
     model.quantization = quant  # type: ignore[attr-defined]
     logger.info(
-        "loaded %s on %s (%s%s)", directory, device, dtype, f", {len(quantized)} linears in 4-bit" if quant else ""
+        "loaded %s on %s (%s%s)",
+        directory,
+        device,
+        dtype,
+        f", {len(quantized)} linears in 4-bit" if quant else "",
     )
     return model
 
@@ -179,7 +185,9 @@ def _load_state(model, files, quantized, prequant, quant, device, dtype) -> None
             continue
         expected = params[key]
         if tuple(tensor.shape) != tuple(expected.shape):
-            raise CheckpointError(f"{key}: checkpoint shape {tuple(tensor.shape)} != model {tuple(expected.shape)}")
+            raise CheckpointError(
+                f"{key}: checkpoint shape {tuple(tensor.shape)} != model {tuple(expected.shape)}"
+            )
         module = model.get_submodule(module_name)
         setattr(module, leaf, nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
         loaded.add(key)
@@ -227,7 +235,9 @@ def _load_linear4bit(module, name, parts, prequantized, quant, device) -> None:
         )
     else:
         if parts:
-            raise CheckpointError(f"{name}: unexpected quantization state in a full checkpoint: {sorted(parts)}")
+            raise CheckpointError(
+                f"{name}: unexpected quantization state in a full checkpoint: {sorted(parts)}"
+            )
         if tuple(weight.shape) != (module.out_features, module.in_features):
             raise CheckpointError(f"{name}.weight: shape {tuple(weight.shape)} does not fit the model")
         param = bnb.nn.Params4bit(
@@ -241,7 +251,9 @@ def _load_linear4bit(module, name, parts, prequantized, quant, device) -> None:
         )
         module.weight = param.to(device)
     if bias is not None:
-        module.bias = nn.Parameter(bias.to(device=device, dtype=_DTYPES[quant.compute_dtype]), requires_grad=False)
+        module.bias = nn.Parameter(
+            bias.to(device=device, dtype=_DTYPES[quant.compute_dtype]), requires_grad=False
+        )
 
 
 def _dropped_vision_layer_prefix(config: MiniCPMVConfig) -> str | None:

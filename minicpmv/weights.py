@@ -93,7 +93,9 @@ def _download(repo_id, revision, cache_dir, local_dir, local_files_only, token) 
     except GatedRepoError as e:
         raise WeightsUnavailableError(f"{repo_id} is gated: accept its terms and set HF_TOKEN. ({e})") from e
     except RepositoryNotFoundError as e:
-        raise WeightsUnavailableError(f"{repo_id}: no such repository on the Hub (or no access). {hint}") from e
+        raise WeightsUnavailableError(
+            f"{repo_id}: no such repository on the Hub (or no access). {hint}"
+        ) from e
     except RevisionNotFoundError as e:
         raise WeightsUnavailableError(f"{repo_id}: revision {revision!r} not found. {hint}") from e
     except LocalEntryNotFoundError as e:

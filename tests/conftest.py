@@ -43,7 +43,9 @@ def golden_checkpoint(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("golden_tiny")
     for name in ("config.json", "preprocessor_config.json", "generation_config.json"):
         shutil.copy(GOLDEN / "tiny" / name, out / name)
-    (out / "model.safetensors").write_bytes(gzip.decompress((GOLDEN / "tiny" / "model.safetensors.gz").read_bytes()))
+    (out / "model.safetensors").write_bytes(
+        gzip.decompress((GOLDEN / "tiny" / "model.safetensors.gz").read_bytes())
+    )
     return out
 
 

@@ -84,7 +84,9 @@ def _save_sharded(state: dict[str, torch.Tensor], out_dir: Path, num_shards: int
     weight_map = {}
     for i, shard in enumerate(shards, start=1):
         filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file({k: state[k].contiguous() for k in shard}, str(out_dir / filename), metadata={"format": "pt"})
+        save_file(
+            {k: state[k].contiguous() for k in shard}, str(out_dir / filename), metadata={"format": "pt"}
+        )
         weight_map.update({k: filename for k in shard})
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

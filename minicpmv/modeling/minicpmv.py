@@ -19,9 +19,10 @@ from minicpmv.config import MiniCPMVConfig
 from minicpmv.modeling.resampler import Resampler
 from minicpmv.modeling.vision import NavitVisionTransformer
 
-
 # transformers renamed ``past_key_values`` to ``cache`` during 5.x; the GPU image has an older 5.x.
-_CACHE_KWARG = "cache" if "cache" in inspect.signature(Qwen2ForCausalLM.forward).parameters else "past_key_values"
+_CACHE_KWARG = (
+    "cache" if "cache" in inspect.signature(Qwen2ForCausalLM.forward).parameters else "past_key_values"
+)
 
 
 def output_cache(output):
@@ -143,7 +144,9 @@ class MiniCPMV(nn.Module):
         counts = [len(sample) for sample in pixel_values]
         if not flat:
             return [None] * len(counts)
-        sizes = torch.cat([torch.as_tensor(t).reshape(-1, 2) for t, n in zip(tgt_sizes, counts, strict=True) if n])
+        sizes = torch.cat(
+            [torch.as_tensor(t).reshape(-1, 2) for t, n in zip(tgt_sizes, counts, strict=True) if n]
+        )
         encoded = self.encode_images(flat, sizes)
         return [part if len(part) else None for part in encoded.split(counts)]
 
@@ -168,8 +171,14 @@ class MiniCPMV(nn.Module):
         device = self.device
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         cache = DynamicCache()
-        out = self(input_ids, attention_mask=attention_mask, cache=cache, use_cache=True, logits_to_keep=1,
-                   **image_inputs)
+        out = self(
+            input_ids,
+            attention_mask=attention_mask,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            **image_inputs,
+        )
         batch = input_ids.shape[0]
         results: list[list[int]] = [[] for _ in range(batch)]
         done = [False] * batch
@@ -184,6 +193,11 @@ class MiniCPMV(nn.Module):
                 break
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
             positions = positions + 1
-            out = self(next_ids[:, None], attention_mask=attention_mask, position_ids=positions,
-                       cache=output_cache(out), use_cache=True)
+            out = self(
+                next_ids[:, None],
+                attention_mask=attention_mask,
+                position_ids=positions,
+                cache=output_cache(out),
+                use_cache=True,
+            )
         return results

@@ -26,7 +26,9 @@ def sincos_2d(embed_dim: int, height: int, width: int) -> np.ndarray:
     omega = np.arange(quarter, dtype=np.float32)
     omega /= embed_dim / 4.0
     omega = 1.0 / 10000**omega
-    rows, cols = np.meshgrid(np.arange(height, dtype=np.float32), np.arange(width, dtype=np.float32), indexing="ij")
+    rows, cols = np.meshgrid(
+        np.arange(height, dtype=np.float32), np.arange(width, dtype=np.float32), indexing="ij"
+    )
 
     def encode(pos: np.ndarray) -> np.ndarray:
         out = np.einsum("m,d->md", pos.reshape(-1), omega)

@@ -73,7 +73,7 @@ class NavitVisionEmbeddings(nn.Module):
 
 
 class NavitVisionTransformer(nn.Module):
-    """Parameter names: ``embeddings.*``, ``encoder.layers.N.*``, ``post_layernorm.*`` (as ``vpm.`` in the checkpoint)."""
+    """Parameters ``embeddings.*``, ``encoder.layers.N.*``, ``post_layernorm.*`` (``vpm.*`` on disk)."""
 
     def __init__(self, config: VisionConfig, hf_config):
         super().__init__()

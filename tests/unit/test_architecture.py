@@ -77,9 +77,17 @@ def test_full_size_parameter_names_shapes_and_count(full_meta_model):
 def test_full_size_int4_quantized_set(full_meta_model):
     """MODEL_FACTS §2.4: 28x7 LLM linears and 27x5 vision linears; out_proj, kv_proj, lm_head skipped."""
     names = set(quantized_linear_names(full_meta_model, ("out_proj", "kv_proj", "lm_head")))
-    expected = {f"llm.model.layers.{i}.self_attn.{p}" for i in range(28) for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
-    expected |= {f"llm.model.layers.{i}.mlp.{p}" for i in range(28) for p in ("gate_proj", "up_proj", "down_proj")}
-    expected |= {f"vpm.encoder.layers.{i}.self_attn.{p}" for i in range(27) for p in ("q_proj", "k_proj", "v_proj")}
+    expected = {
+        f"llm.model.layers.{i}.self_attn.{p}"
+        for i in range(28)
+        for p in ("q_proj", "k_proj", "v_proj", "o_proj")
+    }
+    expected |= {
+        f"llm.model.layers.{i}.mlp.{p}" for i in range(28) for p in ("gate_proj", "up_proj", "down_proj")
+    }
+    expected |= {
+        f"vpm.encoder.layers.{i}.self_attn.{p}" for i in range(27) for p in ("q_proj", "k_proj", "v_proj")
+    }
     expected |= {f"vpm.encoder.layers.{i}.mlp.{p}" for i in range(27) for p in ("fc1", "fc2")}
     assert names == expected
     assert len(names) == 331

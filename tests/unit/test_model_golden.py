@@ -76,7 +76,9 @@ def test_vision_tower_output(golden_model, model_cases, model_arrays, lut):
     pixels = inputs["pixel_values"][0][0][None]
     with torch.no_grad():
         hidden = golden_model.vpm(pixels, inputs["tgt_sizes"][0])
-    np.testing.assert_allclose(hidden.numpy(), model_arrays["single_small__vpm_last_hidden_state"], atol=ATOL, rtol=0)
+    np.testing.assert_allclose(
+        hidden.numpy(), model_arrays["single_small__vpm_last_hidden_state"], atol=ATOL, rtol=0
+    )
 
 
 @pytest.mark.parametrize("name", ["single_small", "two_images", "batch2_left_pad"])
@@ -104,8 +106,12 @@ def test_logits_and_greedy_ids(golden_model, model_cases, model_arrays, lut, nam
     cols = logits[:, :, model_arrays["logit_columns"]].numpy()
     np.testing.assert_allclose(cols[valid], model_arrays[f"{name}__logits_cols"][valid], atol=ATOL, rtol=0)
     lse = torch.logsumexp(logits.double(), -1).numpy()
-    np.testing.assert_allclose(lse[valid], model_arrays[f"{name}__logits_logsumexp"][valid], atol=ATOL, rtol=0)
-    np.testing.assert_array_equal(logits.argmax(-1).numpy()[valid], model_arrays[f"{name}__logits_argmax"][valid])
+    np.testing.assert_allclose(
+        lse[valid], model_arrays[f"{name}__logits_logsumexp"][valid], atol=ATOL, rtol=0
+    )
+    np.testing.assert_array_equal(
+        logits.argmax(-1).numpy()[valid], model_arrays[f"{name}__logits_argmax"][valid]
+    )
 
     generated = golden_model.generate_greedy(max_new_tokens=16, stop_token_ids=STOP_IDS, **inputs)
     assert generated == model_arrays[f"{name}__generated_ids"].tolist()

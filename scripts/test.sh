@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Set up everything on a fresh machine (venv, packages) and run the whole test suite.
+# Usage: ./scripts/test.sh [pytest arguments...]
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+  sed -n '2,3p' "$0"; exit 0
+fi
+"$ROOT/scripts/setup.sh" --dev
+PY="$ROOT/.venv/bin/python"
+cd "$ROOT"
+"$PY" -m ruff check minicpmv scripts tests
+exec "$PY" -m pytest "$@"
