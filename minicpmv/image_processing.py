@@ -137,8 +137,8 @@ class ProcessedImage:
 
     @property
     def num_chunks(self) -> int:
-        """Number of vision chunks (1 overview + cols*rows slices)."""
-        return len(self.chunks)
+        """Number of vision chunks (1 overview + cols*rows slices); valid after the pixels were dropped."""
+        return int(self.tgt_sizes.shape[0])
 
 
 def ensure_divide(length: float, multiple: int) -> int:

@@ -74,11 +74,13 @@ class MiniCPMVProcessor:
     def expand_prompt(
         self,
         prompt: str,
-        images: Sequence[Image.Image],
+        images: Sequence[Image.Image | ProcessedImage],
         max_slice_nums: int | None = None,
         use_image_id: bool | None = None,
     ) -> tuple[str, list[ProcessedImage]]:
         """Preprocess ``images`` and replace the k-th :data:`IMAGE_TAG` of ``prompt`` by the k-th placeholder.
+
+        An image that is already a :class:`ProcessedImage` (e.g. from a cache) is used as it is.
 
         Image ids count from 0 across the whole prompt. Only the exact literal tag counts as a tag. Raises
         ``ValueError`` when the number of tags differs from the number of images, or from preprocessing.
@@ -89,7 +91,10 @@ class MiniCPMVProcessor:
             raise ValueError(
                 f"the prompt has {n_tags} image tag(s) {IMAGE_TAG!r} but {len(images)} image(s) were given"
             )
-        processed = [self.image_processor.preprocess(image, max_slice_nums) for image in images]
+        processed = [
+            image if isinstance(image, ProcessedImage) else self.image_processor.preprocess(image, max_slice_nums)
+            for image in images
+        ]
         parts = [pieces[0]]
         for idx, (image, text_after) in enumerate(zip(processed, pieces[1:], strict=True)):
             parts.append(self.image_processor.placeholder(image, idx, use_image_id))
@@ -99,7 +104,7 @@ class MiniCPMVProcessor:
     def encode(
         self,
         prompt: str,
-        images: Sequence[Image.Image],
+        images: Sequence[Image.Image | ProcessedImage],
         max_slice_nums: int | None = None,
         use_image_id: bool | None = None,
     ) -> EncodedSample:
