@@ -1,0 +1,171 @@
+"""What goes into the engine (GenerationRequest) and what comes out (a stream of Delta)."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+from minicpmv.engine.sampling import SamplingParams
+from minicpmv.image_processing import ProcessedImage
+
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+FINISH_CANCELLED = "cancelled"
+FINISH_ERROR = "error"
+
+
+@dataclass
+class GenerationRequest:
+    """Either chat ``messages`` (OpenAI style; image parts take ``images`` in order) or a raw ``prompt``
+    (ChatML text with one IMAGE_TAG per image)."""
+
+    request_id: str
+    messages: list[dict[str, Any]] | None = None
+    prompt: str | None = None
+    images: list[Image.Image] = field(default_factory=list)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_slice_nums: int | None = None
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    top: list[tuple[int, str, float]] = field(default_factory=list)
+
+
+@dataclass
+class Delta:
+    """New output of one choice. ``finish_reason`` is set on a choice's last delta."""
+
+    request_id: str
+    index: int
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    error: str | None = None
+
+
+@dataclass
+class Choice:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    error: str | None = None
+
+
+@dataclass
+class GenerationResult:
+    request_id: str
+    choices: list[Choice]
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class ImageInput:
+    """One image of a prompt: its content key, its layout, and (before encoding) its pixels."""
+
+    key: str
+    processed: ProcessedImage
+    embeds: torch.Tensor | None = None
+
+
+@dataclass(eq=False)  # identity semantics: sequences are kept in sets
+class Sequence:
+    """One choice of a request while it is generated."""
+
+    request: RequestState
+    index: int
+    prompt_ids: list[int]
+    generator: torch.Generator | None
+    detokenizer: Any
+    grammar: Any = None
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def reserved_tokens(self) -> int:
+        return self.prompt_len + self.request.max_tokens
+
+
+class RequestState:
+    """The engine's side of a request: its sequences, images and where deltas go."""
+
+    def __init__(self, request: GenerationRequest, prompt_ids: list[int], image_bounds: list[tuple[int, int]],
+                 images: list[ImageInput], max_tokens: int, callback: Callable[[Delta], None] | None):
+        self.request = request
+        self.request_id = request.request_id
+        self.sampling = request.sampling
+        self.prompt_ids = prompt_ids
+        self.image_bounds = image_bounds
+        self.images = images
+        self.max_tokens = max_tokens
+        self.sequences: list[Sequence] = []
+        self.cancelled = threading.Event()
+        self.unfinished = request.sampling.n
+        self._callback = callback
+        self._queue: queue.Queue[Delta | None] = queue.Queue()
+
+    def emit(self, delta: Delta) -> None:
+        if delta.finish_reason is not None:
+            self.unfinished -= 1
+        if self._callback is not None:
+            self._callback(delta)
+        else:
+            self._queue.put(delta)
+            if self.unfinished == 0:
+                self._queue.put(None)
+
+
+class RequestHandle:
+    """Returned by ``Engine.submit``: iterate for the deltas (ends after every choice finished)."""
+
+    def __init__(self, state: RequestState, cancel: Callable[[str], None]):
+        self._state = state
+        self._cancel = cancel
+        self.request_id = state.request_id
+        self.prompt_tokens = len(state.prompt_ids)
+
+    def __iter__(self) -> Iterator[Delta]:
+        while True:
+            delta = self._state._queue.get()
+            if delta is None:
+                return
+            yield delta
+
+    def cancel(self) -> None:
+        self._cancel(self.request_id)
+
+    def result(self) -> GenerationResult:
+        """Wait for the end and collect the deltas per choice."""
+        choices = [Choice(index=i) for i in range(self._state.sampling.n)]
+        completion = 0
+        for delta in self:
+            choice = choices[delta.index]
+            choice.text += delta.text
+            choice.token_ids += delta.token_ids
+            if delta.logprobs is not None:
+                choice.logprobs = (choice.logprobs or []) + delta.logprobs
+            if delta.finish_reason is not None:
+                choice.finish_reason = delta.finish_reason
+                choice.error = delta.error
+                completion += delta.completion_tokens
+        return GenerationResult(self.request_id, choices, self.prompt_tokens, completion)

@@ -1,0 +1,63 @@
+"""LRU cache of vision embeddings keyed by image content, so that follow-up turns about the same
+page neither re-process nor re-encode it."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from PIL import Image
+
+from minicpmv.image_processing import ProcessedImage
+
+
+def image_key(image: Image.Image, max_slice_nums: int | None) -> str:
+    """Content hash of the decoded pixels (mode, size, bytes) and the slicing setting."""
+    digest = hashlib.sha256()
+    digest.update(f"{image.mode}:{image.size}:{max_slice_nums}".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class CachedImage:
+    """Slicing layout (pixels dropped) and, once encoded, the [k, Q, D] embeddings on the model device."""
+
+    layout: ProcessedImage
+    embeds: torch.Tensor | None = None
+
+
+class VisionCache:
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._entries: OrderedDict[str, CachedImage] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> CachedImage | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return entry
+
+    def put(self, key: str, image: ProcessedImage, embeds: torch.Tensor) -> None:
+        if self.capacity <= 0:
+            return
+        layout = replace(image, chunks=[], tgt_sizes=np.asarray(image.tgt_sizes).copy())
+        with self._lock:
+            self._entries[key] = CachedImage(layout, embeds)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
