@@ -77,7 +77,11 @@ def checkpoint_files(directory: Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
-        return [directory / f for f in sorted(set(weight_map.values()))]
+        files = [directory / f for f in sorted(set(weight_map.values()))]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise CheckpointError(f"shards listed in {index.name} are missing: {absent} (incomplete download?)")
+        return files
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise CheckpointError(
@@ -224,22 +228,40 @@ def _load_linear4bit(module, name, parts, prequantized, quant, device) -> None:
     if weight is None:
         raise CheckpointError(f"{name}.weight is missing")
     if prequantized:
-        if weight.dtype != torch.uint8 or not parts:
+        if weight.dtype != torch.uint8:
+            raise CheckpointError(f"{name}.weight: expected a packed 4-bit uint8 weight, found {weight.dtype}")
+        required = {"weight.absmax", "weight.quant_map", f"weight.quant_state.bitsandbytes__{quant.quant_type}"}
+        if quant.use_double_quant:
+            required |= {"weight.nested_absmax", "weight.nested_quant_map"}
+        missing, extra = sorted(required - set(parts)), sorted(set(parts) - required)
+        if missing or extra:
             raise CheckpointError(
-                f"{name}: expected a packed 4-bit weight with quantization state, found {weight.dtype} "
-                f"and {sorted(parts)}"
+                f"{name}: 4-bit quantization state does not match the config "
+                f"(missing {missing}, unexpected {extra})"
             )
-        stats = {f"weight.{k}": v for k, v in parts.items()}
-        module.weight = bnb.nn.Params4bit.from_prequantized(
-            data=weight, quantized_stats=stats, requires_grad=False, device=device, module=module
-        )
+        try:
+            param = bnb.nn.Params4bit.from_prequantized(
+                data=weight, quantized_stats=parts, requires_grad=False,
+                device=device, module=module,
+            )  # fmt: skip
+        except (KeyError, ValueError, AssertionError, RuntimeError) as e:
+            raise CheckpointError(f"{name}: unreadable 4-bit quantization state: {e!r}") from e
+        if tuple(param.quant_state.shape) != (module.out_features, module.in_features):
+            raise CheckpointError(
+                f"{name}.weight: quantized shape {tuple(param.quant_state.shape)} does not fit the model's "
+                f"{(module.out_features, module.in_features)}"
+            )
+        module.weight = param
     else:
         if parts:
             raise CheckpointError(
                 f"{name}: unexpected quantization state in a full checkpoint: {sorted(parts)}"
             )
         if tuple(weight.shape) != (module.out_features, module.in_features):
-            raise CheckpointError(f"{name}.weight: shape {tuple(weight.shape)} does not fit the model")
+            raise CheckpointError(
+                f"{name}.weight: checkpoint shape {tuple(weight.shape)} != model "
+                f"{(module.out_features, module.in_features)}"
+            )
         param = bnb.nn.Params4bit(
             data=weight.to(_DTYPES[quant.compute_dtype]),
             requires_grad=False,
@@ -251,6 +273,8 @@ def _load_linear4bit(module, name, parts, prequantized, quant, device) -> None:
         )
         module.weight = param.to(device)
     if bias is not None:
+        if tuple(bias.shape) != (module.out_features,):
+            raise CheckpointError(f"{name}.bias: checkpoint shape {tuple(bias.shape)} != model ({module.out_features},)")
         module.bias = nn.Parameter(
             bias.to(device=device, dtype=_DTYPES[quant.compute_dtype]), requires_grad=False
         )

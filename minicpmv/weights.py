@@ -99,8 +99,14 @@ def _download(repo_id, revision, cache_dir, local_dir, local_files_only, token) 
     except RevisionNotFoundError as e:
         raise WeightsUnavailableError(f"{repo_id}: revision {revision!r} not found. {hint}") from e
     except LocalEntryNotFoundError as e:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        why = "HF_HUB_OFFLINE is set" if offline or local_files_only else "the Hub could not be reached"
+        from huggingface_hub import constants
+
+        if local_files_only:
+            why = "only local files were allowed (local_files_only)"
+        elif constants.HF_HUB_OFFLINE:
+            why = "offline mode is on (HF_HUB_OFFLINE)"
+        else:
+            why = "the Hub could not be reached"
         raise WeightsUnavailableError(f"{repo_id} is not in the local cache and {why}. {hint}") from e
     except (HfHubHTTPError, OSError) as e:
         raise WeightsUnavailableError(f"could not download {repo_id}: {e}. {hint}") from e
