@@ -274,7 +274,9 @@ def _load_linear4bit(module, name, parts, prequantized, quant, device) -> None:
         module.weight = param.to(device)
     if bias is not None:
         if tuple(bias.shape) != (module.out_features,):
-            raise CheckpointError(f"{name}.bias: checkpoint shape {tuple(bias.shape)} != model ({module.out_features},)")
+            raise CheckpointError(
+                f"{name}.bias: checkpoint shape {tuple(bias.shape)} != model ({module.out_features},)"
+            )
         module.bias = nn.Parameter(
             bias.to(device=device, dtype=_DTYPES[quant.compute_dtype]), requires_grad=False
         )
