@@ -66,7 +66,7 @@ class EngineConfig:
 
     max_num_seqs: int = 16
     max_total_tokens: int = 131072
-    max_prefill_tokens: int = 16384
+    max_prefill_tokens: int = 8192
     max_waiting: int = 256
     max_model_len: int | None = None
     default_max_tokens: int = 2048

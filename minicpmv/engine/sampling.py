@@ -22,7 +22,13 @@ MAX_N = 16
 
 @dataclass
 class SamplingParams:
-    """What a request asks of generation. ``max_tokens`` None: up to 2048, within the context."""
+    """What a request asks of generation. ``max_tokens`` None: up to 2048, within the context.
+
+    ``ignore_eos``: the stop token ids are never produced (so outputs have exactly ``max_tokens`` tokens, what
+    benchmarks need); ``min_tokens``: the stop token ids are not produced before that many tokens.
+    ``presence_penalty`` / ``frequency_penalty`` follow OpenAI (subtracted from the logits of tokens already
+    generated); ``repetition_penalty`` follows transformers (over prompt and output).
+    """
 
     max_tokens: int | None = None
     temperature: float = 0.7
@@ -124,18 +130,20 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, context_ids: t
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """Choose a token from one processed row (float32 [V], disallowed ids at -inf)."""
+    """Choose a token from one processed row (float32 [V], disallowed ids at -inf).
+
+    top-k is applied first, so top-p only sorts the k candidates (the default k is 100 of 151,666).
+    """
     if params.greedy:
         return int(logits.argmax())
     scaled = logits / params.temperature
-    if params.top_k > 0 and params.top_k < scaled.numel():
-        kth = torch.topk(scaled, params.top_k).values[-1]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if 0 < params.top_k < scaled.numel():
+        values, ids = torch.topk(scaled, params.top_k)
+    else:
+        values, ids = scaled.sort(descending=True)
     if params.top_p < 1.0:
-        sorted_logits, order = scaled.sort(descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-        drop = cumulative - sorted_logits.softmax(-1) >= params.top_p
-        scaled = scaled.scatter(0, order[drop], float("-inf"))
-    probs = scaled.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+        probs = values.softmax(-1)
+        # Keep the smallest prefix whose mass reaches top_p (the most likely token always stays).
+        values = values.masked_fill(probs.cumsum(-1) - probs >= params.top_p, float("-inf"))
+    choice = torch.multinomial(values.softmax(-1), 1, generator=generator)
+    return int(ids[choice])

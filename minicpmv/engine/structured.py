@@ -1,13 +1,13 @@
 """Grammar-constrained decoding for OpenAI's ``response_format`` (JSON mode and JSON schema), via xgrammar.
 
-Why xgrammar: it is actively maintained and is the default structured-output backend of vLLM, SGLang and
-TensorRT-LLM, so its behaviour on real tokenizers is well exercised. It compiles both a builtin "any JSON"
-grammar and JSON schemas, precomputes most of the per-token work at compile time (context-independent
-tokens), so filling the next-token mask costs well under a millisecond per step even on CPU, and it ships
-CPU kernels to apply the packed int32 bitmask to the logits. The alternatives: outlines-core compiles a
-schema into a regex automaton; fast per step, but compilation can blow up on larger schemas and it supports
-no recursion (nested arbitrary JSON). lm-format-enforcer walks a character-level parser over the vocabulary
-trie at every step in Python, which is flexible but much slower per token at a vocabulary of 150k.
+Why xgrammar: it is actively maintained and is the structured-output backend of vLLM, SGLang and
+TensorRT-LLM, so its behaviour on real tokenizers is well exercised. It compiles JSON schemas (and arbitrary
+JSON) in milliseconds, supports recursion (nested objects of any depth), and precomputes most per-token work
+at compile time, so filling the next-token bitmask costs a fraction of a millisecond per step on CPU; the
+packed int32 bitmask is applied to the logits by its own CPU or CUDA kernel. outlines-core turns a schema
+into a regex automaton instead: fast per step, but no recursive structures, and compilation grows quickly
+with schema size. lm-format-enforcer runs a character-level parser over the vocabulary trie in Python at
+every step: flexible, but far slower per token at a vocabulary of 150k.
 
 Contracts worth knowing:
 * Ids the tokenizer lacks (the model's vocabulary is padded) and every special token other than the stop
@@ -80,8 +80,9 @@ class GrammarCompilerCache:
 
         ``{"type": "text"}`` (or None) -> None; ``{"type": "json_object"}`` -> any JSON object;
         ``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}}`` -> JSON
-        matching ``schema`` (additional properties are never generated). Equal schemas share one
-        compiled grammar.
+        matching ``schema``, properties in declared order (xgrammar's strict mode: properties and items
+        the schema does not declare are never generated). Schemas with the same JSON text, key order
+        included, share one compiled grammar.
 
         Raises:
             ValueError: unknown type, missing or malformed ``json_schema`` / ``schema``, or a schema that
@@ -97,7 +98,8 @@ class GrammarCompilerCache:
         if kind == "text":
             return None
         if kind == "json_object":
-            return self._cached("json_object", self._compiler.compile_builtin_json_grammar)
+            # Not compile_builtin_json_grammar: that one also accepts a top-level array.
+            return self._cached("json_object", self._compile_any_object)
         spec = response_format.get("json_schema")
         if not isinstance(spec, dict):
             raise ValueError("response_format.json_schema must be an object with a 'schema' field")
@@ -105,10 +107,14 @@ class GrammarCompilerCache:
         if not isinstance(schema, dict):
             raise ValueError("response_format.json_schema.schema must be a JSON Schema object")
         try:
-            canonical = json.dumps(schema, sort_keys=True, separators=(",", ":"), allow_nan=False)
+            # Compact but not key-sorted: xgrammar generates properties in the schema's declared order.
+            canonical = json.dumps(schema, separators=(",", ":"), allow_nan=False)
         except (TypeError, ValueError) as error:
             raise ValueError(f"response_format.json_schema.schema is not valid JSON: {error}") from error
         return self._cached("json_schema:" + canonical, lambda: self._compile_schema(canonical))
+
+    def _compile_any_object(self) -> CompiledGrammar:
+        return self._compiler.compile_json_schema('{"type":"object"}', any_whitespace=True, strict_mode=False)
 
     def _compile_schema(self, canonical_schema: str) -> CompiledGrammar:
         try:
@@ -186,9 +192,7 @@ class GrammarState:
 
 def _tokenizer_info(tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) -> xgr.TokenizerInfo:
     """xgrammar's view of ``tokenizer``: its vocabulary at the model's size, specials blanked (never valid)."""
-    detected = xgr.TokenizerInfo.from_huggingface(
-        tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids
-    )
+    detected = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
     special_ids = set(tokenizer.all_special_ids)
     special_ids.update(i for i, token in tokenizer.added_tokens_decoder.items() if token.special)
     encoded_vocab = [""] * vocab_size
