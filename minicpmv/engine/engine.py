@@ -271,13 +271,13 @@ class Engine:
         return admitted
 
     def _drop_cancelled(self) -> None:
-        cancelled = [s for s in self._requests.values() if s.cancelled.is_set()]
-        if not cancelled:
-            return
-        with self._cv:
+        with self._cv:  # submit() adds to _requests from other threads
+            cancelled = [s for s in self._requests.values() if s.cancelled.is_set()]
             for state in cancelled:
                 if state in self._waiting:
                     self._waiting.remove(state)
+        if not cancelled:
+            return
         self._retire({seq for state in cancelled for seq in state.sequences})
         for state in cancelled:
             self._finish_request(state, FINISH_CANCELLED)
