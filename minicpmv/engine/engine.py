@@ -126,9 +126,17 @@ class Engine:
         """Validate and queue ``request``. Deltas go to ``callback`` (called on the engine thread) or,
         without one, to the returned handle. Raises InvalidRequestError (incl. ContextLengthError),
         QueueFullError or EngineStoppedError; nothing is queued then."""
+        return self.enqueue(self.prepare(request, callback))
+
+    def prepare(self, request: GenerationRequest, callback: Callable[[Delta], None] | None = None) -> RequestState:
+        """The validation and CPU work of ``submit``, without queueing (same errors)."""
         if self._stop:
             raise EngineStoppedError("the engine is shut down")
-        state = self._prepare(request, callback)
+        return self._prepare(request, callback)
+
+    def enqueue(self, state: RequestState) -> RequestHandle:
+        """Queue a prepared request (see ``prepare``); raises QueueFullError or InvalidRequestError."""
+        request = state.request
         with self._cv:
             if request.request_id in self._requests:
                 raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
@@ -197,6 +205,7 @@ class Engine:
             except ValueError as e:
                 raise InvalidRequestError(str(e)) from e
         state = RequestState(request, encoded.input_ids, encoded.image_bounds, images, max_tokens, callback)
+        state.prompt = prompt
         for index in range(params.n):
             seed = None if params.seed is None else params.seed + index
             state.sequences.append(Sequence(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -13,6 +14,8 @@ from PIL import Image
 
 from minicpmv.engine.sampling import SamplingParams
 from minicpmv.image_processing import ProcessedImage
+
+logger = logging.getLogger(__name__)
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
@@ -114,6 +117,7 @@ class RequestState:
         self.request = request
         self.request_id = request.request_id
         self.sampling = request.sampling
+        self.prompt = request.prompt or ""  # the rendered prompt text (image tags unexpanded)
         self.prompt_ids = prompt_ids
         self.image_bounds = image_bounds
         self.images = images
@@ -128,7 +132,10 @@ class RequestState:
         if delta.finish_reason is not None:
             self.unfinished -= 1
         if self._callback is not None:
-            self._callback(delta)
+            try:
+                self._callback(delta)
+            except Exception:  # a broken consumer must not take the engine down
+                logger.exception("delta callback of request %s failed", self.request_id)
         else:
             self._queue.put(delta)
             if self.unfinished == 0:

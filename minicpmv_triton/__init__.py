@@ -1,0 +1,1 @@
+"""Triton adapter for the MiniCPM-V engine: launcher and Python-backend model."""

@@ -1,0 +1,183 @@
+"""The Python-backend model: Triton lifecycle and tensor conversion around the engine.
+
+``model_repository/*/1/model.py`` only re-exports :class:`TritonPythonModel`. The model is decoupled:
+``execute`` parses each request, submits it to the engine and returns at once; the engine's thread sends
+the responses (one per delta when streaming, one in all otherwise) and closes every response sender with
+the final flag, also on errors and cancellation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import uuid
+from dataclasses import dataclass, field
+
+import triton_python_backend_utils as pb_utils
+
+from minicpmv.engine.errors import InvalidRequestError, QueueFullError
+from minicpmv.engine.request import FINISH_CANCELLED, Delta
+from minicpmv_triton.parameters import ModelParameters
+from minicpmv_triton.tensors import ParsedRequest, parse_request, response_tensors
+
+logger = logging.getLogger(__name__)
+INPUT_NAMES = (
+    "text_input", "messages", "image", "stream", "sampling_parameters", "exclude_input_in_output",
+    "return_finish_reason", "return_num_input_tokens", "return_num_output_tokens", "return_logprobs",
+)  # fmt: skip
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+@dataclass
+class _Active:
+    """A request in flight: where its responses go and, for non-streaming, what was generated so far."""
+
+    request_id: str
+    sender: object
+    parsed: ParsedRequest
+    prompt_text: str = ""
+    texts: dict[int, str] = field(default_factory=dict)
+    logprobs: dict[int, list] = field(default_factory=dict)
+    pending: int = 1
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        from minicpmv.engine.engine import Engine
+
+        model_config = json.loads(args["model_config"])
+        self.params = ModelParameters.from_model_config(model_config, args)
+        pb_utils.Logger.log_info(f"{args['model_name']}: loading {self.params.describe()}")
+        self.engine = Engine.from_pretrained(
+            self.params.checkpoint_dir(),
+            device=self.params.device,
+            dtype=self.params.dtype,
+            quantization=self.params.quantization,
+            config=self.params.engine_config(),
+        )
+        self._active: dict[str, _Active] = {}
+        self._lock = threading.Lock()
+        self._metrics = _Metrics(args["model_name"])
+        self._stop = threading.Event()
+        self._monitor = threading.Thread(target=self._watch, name="minicpmv-triton-monitor", daemon=True)
+        self._monitor.start()
+        pb_utils.Logger.log_info(f"{args['model_name']}: ready on {self.params.device}")
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            request_id = f"{request.request_id() or 'req'}-{uuid.uuid4().hex[:12]}"
+            try:
+                tensors = {}
+                for name in INPUT_NAMES:
+                    tensor = pb_utils.get_input_tensor_by_name(request, name)
+                    if tensor is not None:
+                        tensors[name] = tensor.as_numpy()
+                parsed = parse_request(request_id, tensors)
+                active = _Active(request_id, sender, parsed, pending=parsed.generation.sampling.n)
+                with self._lock:
+                    self._active[request_id] = active
+                state = self.engine.prepare(parsed.generation, callback=lambda d, a=active: self._on_delta(a, d))
+                active.prompt_text = state.prompt
+                self.engine.enqueue(state)
+            except InvalidRequestError as e:
+                self._fail(request_id, sender, str(e), pb_utils.TritonError.INVALID_ARG)
+            except QueueFullError as e:
+                self._fail(request_id, sender, str(e), pb_utils.TritonError.UNAVAILABLE)
+            except Exception as e:  # noqa: BLE001 - a request must always be answered
+                logger.exception("request %s failed", request_id)
+                self._fail(request_id, sender, f"internal error: {type(e).__name__}", pb_utils.TritonError.INTERNAL)
+        return None
+
+    def _fail(self, request_id: str, sender, message: str, code) -> None:
+        with self._lock:
+            self._active.pop(request_id, None)
+        sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)), flags=FINAL)
+
+    def _on_delta(self, active: _Active, delta: Delta) -> None:
+        """Runs on the engine thread."""
+        self._metrics.tokens.increment(len(delta.token_ids))
+        if delta.error:
+            self._fail(active.request_id, active.sender, delta.error, pb_utils.TritonError.INTERNAL)
+            return
+        if delta.finish_reason == FINISH_CANCELLED:
+            with active.lock:
+                active.pending -= 1
+                done = active.pending == 0
+            if done:
+                with self._lock:
+                    self._active.pop(active.request_id, None)
+                active.sender.send(
+                    pb_utils.InferenceResponse(error=pb_utils.TritonError("request cancelled",
+                                                                          pb_utils.TritonError.CANCELLED)),
+                    flags=FINAL,
+                )  # fmt: skip
+            return
+        parsed = active.parsed
+        with active.lock:
+            if parsed.stream:
+                text = delta.text
+                send = bool(text) or delta.finish_reason is not None or parsed.return_logprobs
+            else:
+                active.texts[delta.index] = active.texts.get(delta.index, "") + delta.text
+                active.logprobs.setdefault(delta.index, []).extend(delta.logprobs or [])
+                send = delta.finish_reason is not None
+                if send:
+                    text = active.texts.pop(delta.index)
+                    if not parsed.exclude_input_in_output:
+                        text = active.prompt_text + text
+                    delta = Delta(**{**delta.__dict__, "logprobs": active.logprobs.pop(delta.index)})
+            if delta.finish_reason is not None:
+                active.pending -= 1
+            last = active.pending == 0
+        if not send:
+            return
+        response = pb_utils.InferenceResponse(
+            output_tensors=[pb_utils.Tensor(k, v) for k, v in response_tensors(parsed, delta, text).items()]
+        )
+        active.sender.send(response, flags=FINAL if last else 0)
+        if last:
+            with self._lock:
+                self._active.pop(active.request_id, None)
+
+    def _watch(self) -> None:
+        """Cancel requests whose client went away; publish the engine gauges."""
+        while not self._stop.wait(0.05):
+            with self._lock:
+                active = list(self._active.values())
+            for a in active:
+                if a.sender.is_cancelled():
+                    self.engine.cancel(a.request_id)
+            self._metrics.publish(self.engine)
+
+    def finalize(self) -> None:
+        self._stop.set()
+        self._monitor.join(timeout=5)
+        self.engine.shutdown()  # ends every unfinished request (final flag sent by the callbacks)
+        with self._lock:  # response senders must not outlive the model (the stub crashes at exit otherwise)
+            self._active.clear()
+
+
+class _Metrics:
+    """Custom metrics on Triton's metrics port. The families must outlive their metrics: keep both."""
+
+    def __init__(self, model_name: str):
+        labels = {"model": model_name}
+        families = (
+            ("minicpmv_generated_tokens_total", "Tokens generated", pb_utils.MetricFamily.COUNTER),
+            ("minicpmv_running_sequences", "Sequences in the running batch", pb_utils.MetricFamily.GAUGE),
+            ("minicpmv_waiting_requests", "Requests waiting for admission", pb_utils.MetricFamily.GAUGE),
+            ("minicpmv_decode_steps_total", "Decode steps run by the engine", pb_utils.MetricFamily.COUNTER),
+        )
+        self.families = [pb_utils.MetricFamily(name=n, description=d, kind=k) for n, d, k in families]
+        self.tokens, self.running, self.waiting, self.steps = (f.Metric(labels=labels) for f in self.families)
+        self._steps_seen = 0
+
+    def publish(self, engine) -> None:
+        self.running.set(engine.num_running)
+        self.waiting.set(engine.num_waiting)
+        steps = engine.num_steps
+        self.steps.increment(steps - self._steps_seen)
+        self._steps_seen = steps

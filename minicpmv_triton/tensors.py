@@ -1,0 +1,208 @@
+"""Triton request tensors <-> engine requests and deltas. No Triton import: tested on plain numpy arrays.
+
+The tensor interface follows Triton's vLLM backend so that NVIDIA tools that speak it work unchanged:
+
+inputs  ``text_input`` (a prompt; optional when ``messages`` is given), ``image`` (encoded image bytes, or
+        base64 / data-URL text; one element per image, in order), ``stream``, ``sampling_parameters`` (JSON),
+        ``exclude_input_in_output``, ``return_finish_reason``, ``return_num_input_tokens``,
+        ``return_num_output_tokens``, ``return_logprobs``; ours: ``messages`` (JSON list of OpenAI-style chat
+        messages; image parts take the ``image`` elements in order).
+outputs ``text_output``, ``finish_reason``, ``num_input_tokens``, ``num_output_tokens``, ``logprobs`` (JSON);
+        ours: ``index`` (the choice, for n > 1).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from minicpmv.engine.errors import InvalidRequestError
+from minicpmv.engine.request import Delta, GenerationRequest
+from minicpmv.engine.sampling import SamplingParams
+
+MAX_IMAGE_BYTES = 20 * 1024 * 1024
+MAX_IMAGE_PIXELS = 50_000_000
+MAX_IMAGES = 16
+MAX_TEXT_BYTES = 1024 * 1024
+_DATA_URL = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
+
+# vLLM-backend names we accept besides our own SamplingParams fields.
+_ALIASES = {"max_new_tokens": "max_tokens"}
+_EXTENSIONS = ("max_slice_nums",)
+
+
+@dataclass
+class ParsedRequest:
+    generation: GenerationRequest
+    stream: bool
+    exclude_input_in_output: bool
+    return_finish_reason: bool
+    return_num_input_tokens: bool
+    return_num_output_tokens: bool
+    return_logprobs: bool
+
+
+def _scalar(tensors: dict[str, np.ndarray], name: str, default: Any = None) -> Any:
+    """The single element of an optional input (the batch dimension of size 1 included)."""
+    array = tensors.get(name)
+    if array is None:
+        return default
+    flat = np.asarray(array).reshape(-1)
+    if flat.size != 1:
+        raise InvalidRequestError(f"input '{name}' must hold exactly one element, got {flat.size}")
+    return flat[0]
+
+
+def _text(value: Any, name: str) -> str:
+    if isinstance(value, bytes | np.bytes_):
+        if len(value) > MAX_TEXT_BYTES:
+            raise InvalidRequestError(f"input '{name}' is larger than {MAX_TEXT_BYTES} bytes")
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InvalidRequestError(f"input '{name}' is not valid UTF-8") from e
+    if isinstance(value, str):
+        return value
+    raise InvalidRequestError(f"input '{name}' must be a string")
+
+
+def _flag(tensors: dict[str, np.ndarray], name: str, default: bool = False) -> bool:
+    value = _scalar(tensors, name, default)
+    if isinstance(value, bytes | np.bytes_ | str):
+        return _text(value, name).strip().lower() in ("1", "true", "yes")
+    return bool(value)
+
+
+def decode_image(data: bytes | str, index: int) -> Image.Image:
+    """Encoded image bytes (or base64 / data-URL text of them) -> RGB-able PIL image, with size limits."""
+    raw = data if isinstance(data, bytes) else data.encode()
+    if _DATA_URL.match(raw[:64].decode("latin-1")) or not _looks_binary(raw):
+        text = _DATA_URL.sub("", raw.decode("latin-1").strip(), count=1)
+        try:
+            raw = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise InvalidRequestError(f"image {index}: neither image bytes nor valid base64") from e
+    if len(raw) > MAX_IMAGE_BYTES:
+        raise InvalidRequestError(f"image {index}: {len(raw)} bytes, more than the limit of {MAX_IMAGE_BYTES}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(raw))
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise InvalidRequestError(
+                    f"image {index}: {width}x{height} pixels, more than the limit of {MAX_IMAGE_PIXELS}"
+                )
+            image.load()
+    except InvalidRequestError:
+        raise
+    except (OSError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise InvalidRequestError(f"image {index}: not a decodable image ({type(e).__name__}: {e})") from e
+    return image
+
+
+def _looks_binary(raw: bytes) -> bool:
+    # PNG, JPEG, GIF, BMP, TIFF and WebP start with bytes that are not all base64 characters.
+    return bool(re.search(rb"[^A-Za-z0-9+/=\s]", raw[:16]))
+
+
+def parse_sampling(text: str | None) -> tuple[SamplingParams, int | None]:
+    """``sampling_parameters`` JSON -> (SamplingParams, max_slice_nums)."""
+    if not text:
+        return SamplingParams(), None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InvalidRequestError(f"sampling_parameters is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise InvalidRequestError("sampling_parameters must be a JSON object")
+    data = {_ALIASES.get(k, k): v for k, v in data.items()}
+    max_slice_nums = data.pop("max_slice_nums", None)
+    if max_slice_nums is not None and (not isinstance(max_slice_nums, int) or not 1 <= max_slice_nums <= 36):
+        raise InvalidRequestError("max_slice_nums must be an integer between 1 and 36")
+    if isinstance(data.get("logprobs"), int) and not isinstance(data["logprobs"], bool):
+        # vLLM style: logprobs is the number of top alternatives.
+        data["top_logprobs"] = data["logprobs"]
+        data["logprobs"] = True
+    try:
+        return SamplingParams.from_dict(data), max_slice_nums
+    except TypeError as e:
+        raise InvalidRequestError(f"sampling_parameters: {e}") from e
+
+
+def parse_request(request_id: str, tensors: dict[str, np.ndarray]) -> ParsedRequest:
+    """Validate one Triton request's inputs. Raises InvalidRequestError with a client-facing message."""
+    messages_text = _scalar(tensors, "messages")
+    prompt_value = _scalar(tensors, "text_input")
+    if messages_text is None and prompt_value is None:
+        raise InvalidRequestError("either 'text_input' or 'messages' is required")
+    if messages_text is not None and prompt_value is not None:
+        raise InvalidRequestError("give either 'text_input' or 'messages', not both")
+    messages = None
+    if messages_text is not None:
+        try:
+            messages = json.loads(_text(messages_text, "messages"))
+        except json.JSONDecodeError as e:
+            raise InvalidRequestError(f"messages is not valid JSON: {e}") from e
+        if not isinstance(messages, list):
+            raise InvalidRequestError("messages must be a JSON list")
+    images_array = tensors.get("image")
+    raw_images = [] if images_array is None else list(np.asarray(images_array).reshape(-1))
+    if len(raw_images) > MAX_IMAGES:
+        raise InvalidRequestError(f"{len(raw_images)} images; at most {MAX_IMAGES} per request")
+    images = [decode_image(bytes(x) if not isinstance(x, str) else x, i) for i, x in enumerate(raw_images)]
+    sampling_text = _scalar(tensors, "sampling_parameters")
+    sampling, max_slice_nums = parse_sampling(
+        None if sampling_text is None else _text(sampling_text, "sampling_parameters")
+    )
+    return ParsedRequest(
+        generation=GenerationRequest(
+            request_id=request_id,
+            messages=messages,
+            prompt=None if prompt_value is None else _text(prompt_value, "text_input"),
+            images=images,
+            sampling=sampling,
+            max_slice_nums=max_slice_nums,
+        ),
+        stream=_flag(tensors, "stream"),
+        exclude_input_in_output=_flag(tensors, "exclude_input_in_output"),
+        return_finish_reason=_flag(tensors, "return_finish_reason"),
+        return_num_input_tokens=_flag(tensors, "return_num_input_tokens"),
+        return_num_output_tokens=_flag(tensors, "return_num_output_tokens"),
+        return_logprobs=_flag(tensors, "return_logprobs"),
+    )
+
+
+def response_tensors(parsed: ParsedRequest, delta: Delta, text: str) -> dict[str, np.ndarray]:
+    """Output arrays (batch dimension included) for one response carrying ``text``."""
+    out = {
+        "text_output": np.array([[text.encode("utf-8")]], dtype=np.object_),
+        "index": np.array([[delta.index]], dtype=np.uint32),
+    }
+    if parsed.return_finish_reason:
+        out["finish_reason"] = np.array([[(delta.finish_reason or "").encode()]], dtype=np.object_)
+    if parsed.return_num_input_tokens:
+        out["num_input_tokens"] = np.array([[delta.prompt_tokens]], dtype=np.uint32)
+    if parsed.return_num_output_tokens:
+        out["num_output_tokens"] = np.array([[delta.completion_tokens]], dtype=np.uint32)
+    if parsed.return_logprobs:
+        entries = [
+            {
+                "token_id": e.token_id,
+                "token": e.token,
+                "logprob": e.logprob,
+                "top_logprobs": [{"token_id": i, "token": t, "logprob": lp} for i, t, lp in e.top],
+            }
+            for e in delta.logprobs or []
+        ]
+        out["logprobs"] = np.array([[json.dumps(entries).encode()]], dtype=np.object_)
+    return out
