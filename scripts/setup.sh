@@ -22,7 +22,7 @@ fi
 PY="$VENV/bin/python"
 
 stamp="$VENV/.minicpmv-installed"
-want="$(cat "$ROOT/requirements.txt" "$REQS" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+want="$(cat "$ROOT"/requirements*.txt "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
   exit 0
 fi
