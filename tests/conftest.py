@@ -61,3 +61,14 @@ def tiny_int4(tmp_path_factory) -> Path:
     from minicpmv.devtools.tiny_checkpoint import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_int4"), int4=True, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """The tiny checkpoints' tokenizer (real special tokens at their real ids), loaded like a real one."""
+    from minicpmv.devtools.tiny_tokenizer import write_tiny_tokenizer
+    from minicpmv.tokenizer import load_tokenizer
+
+    directory = tmp_path_factory.mktemp("tiny_tokenizer")
+    write_tiny_tokenizer(directory)
+    return load_tokenizer(directory)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -394,12 +393,3 @@ class Engine:
             self._cache = None
         else:
             self._cache.filter(keep)
-
-    def wait_idle(self, timeout: float = 60.0) -> bool:
-        """For tests and benchmarks: wait until nothing runs or waits."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self._running and not self._waiting and not self._requests:
-                return True
-            time.sleep(0.01)
-        return False

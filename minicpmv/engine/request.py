@@ -118,6 +118,7 @@ class RequestState:
         self.request_id = request.request_id
         self.sampling = request.sampling
         self.prompt = request.prompt or ""  # the rendered prompt text (image tags unexpanded)
+        self.prompt_tensor: torch.Tensor | None = None  # prompt ids on the model device, for penalties
         self.prompt_ids = prompt_ids
         self.image_bounds = image_bounds
         self.images = images

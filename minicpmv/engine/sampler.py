@@ -37,12 +37,10 @@ class LogitsProcessor:
         return token, self._logprob(token, logprobs, params.top_logprobs) if logprobs is not None else None
 
     def _prompt_tensor(self, seq: Sequence) -> torch.Tensor:
-        # Per request, built once; dropped with the request's sequences by the garbage collector.
-        tensor = getattr(seq.request, "_prompt_tensor", None)
-        if tensor is None:
-            tensor = torch.tensor(seq.prompt_ids, dtype=torch.long, device=self.device)
-            seq.request._prompt_tensor = tensor
-        return tensor
+        state = seq.request  # built once per request, shared by its n sequences
+        if state.prompt_tensor is None:
+            state.prompt_tensor = torch.tensor(seq.prompt_ids, dtype=torch.long, device=self.device)
+        return state.prompt_tensor
 
     def _logprob(self, token: int, logprobs: torch.Tensor, top: int) -> TokenLogprob:
         entry = TokenLogprob(token, self.tokenizer.decode([token]), float(logprobs[token]))

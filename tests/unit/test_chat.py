@@ -6,16 +6,12 @@ import pytest
 from PIL import Image
 
 from minicpmv.chat import ChatFormatError, format_chat
-from minicpmv.devtools.tiny_tokenizer import write_tiny_tokenizer
 from minicpmv.processing import IMAGE_TAG
-from minicpmv.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tok")
-    write_tiny_tokenizer(out)
-    return load_tokenizer(out)
+def tokenizer(tiny_tokenizer):
+    return tiny_tokenizer
 
 
 def img(color: str) -> Image.Image:

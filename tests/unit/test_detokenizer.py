@@ -7,19 +7,16 @@ import random
 
 import pytest
 
-from minicpmv.devtools.tiny_tokenizer import write_tiny_tokenizer
 from minicpmv.engine.detokenizer import IncrementalDetokenizer
-from minicpmv.tokenizer import SPECIAL_TOKENS, load_tokenizer
+from minicpmv.tokenizer import SPECIAL_TOKENS
 
 SPECIAL_IDS = sorted(SPECIAL_TOKENS.values())
 FFFD = "\ufffd"
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny_tokenizer")
-    write_tiny_tokenizer(directory)
-    return load_tokenizer(directory)
+def tokenizer(tiny_tokenizer):
+    return tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

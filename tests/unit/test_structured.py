@@ -16,9 +16,8 @@ import json
 import pytest
 import torch
 
-from minicpmv.devtools.tiny_tokenizer import write_tiny_tokenizer
 from minicpmv.engine.structured import GrammarCompilerCache, GrammarState
-from minicpmv.tokenizer import DEFAULT_STOP_TOKEN_IDS, SPECIAL_TOKENS, load_tokenizer
+from minicpmv.tokenizer import DEFAULT_STOP_TOKEN_IDS, SPECIAL_TOKENS
 
 VOCAB_SIZE = 151666
 MAX_STEPS = 300
@@ -32,10 +31,8 @@ PERSON_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schem
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny_tokenizer")
-    write_tiny_tokenizer(directory)
-    return load_tokenizer(directory)
+def tokenizer(tiny_tokenizer):
+    return tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
