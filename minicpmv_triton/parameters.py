@@ -66,6 +66,9 @@ class ModelParameters:
             values["quantization"] = None
         if values.get("quantization") not in (None, "nf4"):
             raise ValueError(f"{name}: parameter 'quantization' must be empty or 'nf4'")
+        for key, low, high in (("default_max_slice_nums", 1, 36), ("vision_cache_size", 0, 100_000)):
+            if key in values and not low <= values[key] <= high:
+                raise ValueError(f"{name}: parameter '{key}' must be between {low} and {high}, got {values[key]}")
         params = cls(model_name=name, checkpoint=checkpoint, **values)
         params.engine_config()  # validates the limits
         return params

@@ -88,7 +88,7 @@ def decode_image(data: bytes | str, index: int) -> Image.Image:
     if _DATA_URL.match(raw[:64].decode("latin-1")) or not _looks_binary(raw):
         text = _DATA_URL.sub("", raw.decode("latin-1").strip(), count=1)
         try:
-            raw = base64.b64decode(text, validate=True)
+            raw = base64.b64decode(re.sub(r"\s+", "", text), validate=True)  # line-wrapped base64 too
         except (binascii.Error, ValueError) as e:
             raise InvalidRequestError(f"image {index}: neither image bytes nor valid base64") from e
     if len(raw) > MAX_IMAGE_BYTES:
@@ -105,7 +105,9 @@ def decode_image(data: bytes | str, index: int) -> Image.Image:
             image.load()
     except InvalidRequestError:
         raise
-    except (OSError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise InvalidRequestError(f"image {index}: too large, more than the limit of {MAX_IMAGE_PIXELS} pixels") from e
+    except (OSError, ValueError) as e:
         raise InvalidRequestError(f"image {index}: not a decodable image ({type(e).__name__}: {e})") from e
     return image
 
@@ -127,7 +129,9 @@ def parse_sampling(text: str | None) -> tuple[SamplingParams, int | None]:
         raise InvalidRequestError("sampling_parameters must be a JSON object")
     data = {_ALIASES.get(k, k): v for k, v in data.items()}
     max_slice_nums = data.pop("max_slice_nums", None)
-    if max_slice_nums is not None and (not isinstance(max_slice_nums, int) or not 1 <= max_slice_nums <= 36):
+    if max_slice_nums is not None and (
+        not isinstance(max_slice_nums, int) or isinstance(max_slice_nums, bool) or not 1 <= max_slice_nums <= 36
+    ):
         raise InvalidRequestError("max_slice_nums must be an integer between 1 and 36")
     if isinstance(data.get("logprobs"), int) and not isinstance(data["logprobs"], bool):
         # vLLM style: logprobs is the number of top alternatives.
