@@ -30,7 +30,7 @@ def test_perf_analyzer_sweeps_concurrency_over_grpc_streaming(server, tmp_path, 
         [str(ROOT / "scripts" / "perf_analyzer.sh"), "--model", "minicpm_v_2_6_int4", "--url", server.grpc_url,
          "--input-data", str(short_inputs(inputs, tmp_path)), "--concurrency", "1:2:1", "--out", str(out),
          "--measurement-interval", "3000", "--", "--stability-percentage", "1000", "--max-trials", "3"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = list(csv.DictReader(out.open()))
