@@ -40,7 +40,21 @@ class _Active:
     texts: dict[int, str] = field(default_factory=dict)
     logprobs: dict[int, list] = field(default_factory=dict)
     pending: int = 1
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    closed: bool = False
+    lock: threading.Lock = field(default_factory=threading.RLock)
+
+    def send(self, response, final: bool) -> None:
+        """Send unless already closed. Under the lock: once the final flag went out, Triton frees the
+        response factory, and touching the sender again (even ``is_cancelled``) crashes the server."""
+        with self.lock:
+            if self.closed:
+                return
+            self.sender.send(response, flags=FINAL if final else 0)
+            self.closed = final
+
+    def is_cancelled(self) -> bool:
+        with self.lock:
+            return not self.closed and self.sender.is_cancelled()
 
 
 class TritonPythonModel:
@@ -93,8 +107,12 @@ class TritonPythonModel:
 
     def _fail(self, request_id: str, sender, message: str, code) -> None:
         with self._lock:
-            self._active.pop(request_id, None)
-        sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)), flags=FINAL)
+            active = self._active.pop(request_id, None)
+        response = pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
+        if active is not None:
+            active.send(response, final=True)
+        else:
+            sender.send(response, flags=FINAL)
 
     def _on_delta(self, active: _Active, delta: Delta) -> None:
         """Runs on the engine thread."""
@@ -109,11 +127,8 @@ class TritonPythonModel:
             if done:
                 with self._lock:
                     self._active.pop(active.request_id, None)
-                active.sender.send(
-                    pb_utils.InferenceResponse(error=pb_utils.TritonError("request cancelled",
-                                                                          pb_utils.TritonError.CANCELLED)),
-                    flags=FINAL,
-                )  # fmt: skip
+                error = pb_utils.TritonError("request cancelled", pb_utils.TritonError.CANCELLED)
+                active.send(pb_utils.InferenceResponse(error=error), final=True)
             return
         parsed = active.parsed
         with active.lock:
@@ -137,7 +152,7 @@ class TritonPythonModel:
         response = pb_utils.InferenceResponse(
             output_tensors=[pb_utils.Tensor(k, v) for k, v in response_tensors(parsed, delta, text).items()]
         )
-        active.sender.send(response, flags=FINAL if last else 0)
+        active.send(response, final=last)
         if last:
             with self._lock:
                 self._active.pop(active.request_id, None)
@@ -148,7 +163,7 @@ class TritonPythonModel:
             with self._lock:
                 active = list(self._active.values())
             for a in active:
-                if a.sender.is_cancelled():
+                if a.is_cancelled():
                     self.engine.cancel(a.request_id)
             self._metrics.publish(self.engine)
 
