@@ -133,10 +133,8 @@ def load_model(
         quantized = set(quantized_linear_names(model, quant.skip_modules))
         _replace_with_linear4bit(model, quantized, quant)
 
-    _load_state(
-        model, checkpoint_files(directory), quantized, quant if prequantized else None, quant, device, dtype
-    )
-    _rebuild_rotary(model, config, attn_implementation, device)
+    _load_state(model, checkpoint_files(directory), quantized, prequantized, quant, device, dtype)
+    _rebuild_rotary(model, device)
     _check_materialized(model)
     model.eval().requires_grad_(False)
     model.quantization = quant  # type: ignore[attr-defined]
@@ -171,7 +169,7 @@ def _replace_with_linear4bit(model: nn.Module, names: set[str], quant: Quantizat
         setattr(parent, child, new)
 
 
-def _load_state(model, files, quantized, prequant, quant, device, dtype) -> None:
+def _load_state(model, files, quantized, prequantized, quant, device, dtype) -> None:
     params = dict(model.named_parameters())
     skipped_layers = _dropped_vision_layer_prefix(model.config)
     pending: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
@@ -198,7 +196,7 @@ def _load_state(model, files, quantized, prequant, quant, device, dtype) -> None
 
     for owner, parts in pending.items():
         loaded.update(f"{owner}.{leaf}" for leaf in ("weight", "bias") if leaf in parts)
-        _load_linear4bit(model.get_submodule(owner), owner, parts, prequant is not None, quant, device)
+        _load_linear4bit(model.get_submodule(owner), owner, parts, prequantized, quant, device)
     missing = sorted(set(params) - loaded)
     if missing or unexpected:
         raise CheckpointError(
@@ -288,7 +286,7 @@ def _dropped_vision_layer_prefix(config: MiniCPMVConfig) -> str | None:
     return f"vpm.encoder.layers.{config.vision.num_hidden_layers - 1}."
 
 
-def _rebuild_rotary(model: MiniCPMV, config: MiniCPMVConfig, attn_implementation: str, device) -> None:
+def _rebuild_rotary(model: MiniCPMV, device) -> None:
     # The rotary inverse frequencies are non-persistent buffers, left empty by the meta build.
     from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 

@@ -24,12 +24,13 @@ class ModelParameters:
     device: str = "cpu"
     dtype: str = "auto"
     quantization: str | None = None
-    max_num_seqs: int = 16
-    max_total_tokens: int = 131072
-    max_prefill_tokens: int = 8192
-    max_waiting: int = 256
-    vision_cache_size: int = 64
-    default_max_slice_nums: int | None = None
+    # Engine limits: EngineConfig's defaults, so the two can't drift apart.
+    max_num_seqs: int = EngineConfig.max_num_seqs
+    max_total_tokens: int = EngineConfig.max_total_tokens
+    max_prefill_tokens: int = EngineConfig.max_prefill_tokens
+    max_waiting: int = EngineConfig.max_waiting
+    vision_cache_size: int = EngineConfig.vision_cache_size
+    default_max_slice_nums: int | None = EngineConfig.default_max_slice_nums
     max_model_len: int | None = None
 
     @classmethod
