@@ -1,0 +1,100 @@
+"""The FastAPI application: settings, the backend (Triton unless a test passes another), routers, errors."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+
+import httpx
+from fastapi import APIRouter, Depends, FastAPI
+
+from openai_frontend import __version__, errors
+from openai_frontend.backend import InferenceBackend
+from openai_frontend.dependencies import require_api_key
+from openai_frontend.metrics import Metrics
+from openai_frontend.models import ModelRegistry
+from openai_frontend.routers import chat, health, models
+from openai_frontend.serving import ChatService
+from openai_frontend.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def _triton(settings: Settings) -> InferenceBackend:
+    from openai_frontend.triton_client import TritonBackend  # the only tritonclient user
+
+    return TritonBackend(settings.triton_grpc_url, settings.triton_http_url)
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for bodies over the limit, whether Content-Length says so or the stream does."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_large = errors.APIError(413, f"the request body is larger than the limit of {self.max_bytes} bytes",
+                                    code="request_too_large")  # fmt: skip
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await too_large.response()(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise too_large
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except errors.APIError as e:
+            if e is not too_large:
+                raise
+            await too_large.response()(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None,
+               backend_factory: Callable[[Settings], InferenceBackend] = _triton) -> FastAPI:  # fmt: skip
+    settings = settings or Settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        backend = backend_factory(settings)  # inside the event loop: gRPC and aiohttp bind to it
+        metrics = Metrics()
+        app.state.settings = settings
+        app.state.backend = backend
+        app.state.metrics = metrics
+        app.state.registry = ModelRegistry(settings, backend)
+        app.state.chat = ChatService(settings, backend, metrics)
+        app.state.http = httpx.AsyncClient(follow_redirects=False) if settings.allow_remote_images else None
+        logger.info("frontend ready; Triton at grpc=%s http=%s", settings.triton_grpc_url, settings.triton_http_url)
+        try:
+            yield
+        finally:
+            if app.state.http is not None:
+                await app.state.http.aclose()
+            await backend.close()
+
+    app = FastAPI(
+        title="MiniCPM-V 2.6 OpenAI-compatible API",
+        version=__version__,
+        description="OpenAI chat completions (text, images, streaming, JSON mode) for MiniCPM-V 2.6 on Triton. "
+        "Every error answers {\"error\": {\"message\", \"type\", \"param\", \"code\"}}.",
+        lifespan=lifespan,
+    )
+    errors.install(app)
+    v1 = APIRouter(dependencies=[Depends(require_api_key)])
+    v1.include_router(chat.router)
+    v1.include_router(models.router)
+    app.include_router(v1)
+    app.include_router(health.router)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    return app

@@ -1,0 +1,77 @@
+"""The interface between the frontend and an inference server. Routers only see these types; the Triton
+implementation (:mod:`openai_frontend.triton_client`) and test fakes implement :class:`InferenceBackend`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class BackendError(Exception):
+    """A request the backend could not serve. ``kind`` decides the HTTP status (see errors.py)."""
+
+    INVALID = "invalid_request"
+    QUEUE_FULL = "queue_full"
+    UNAVAILABLE = "unavailable"
+    TIMEOUT = "timeout"
+    INTERNAL = "internal"
+    CANCELLED = "cancelled"
+
+    def __init__(self, kind: str, message: str, code: str | None = None):
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.code = code
+
+
+@dataclass
+class GenerateRequest:
+    """One chat request for the backend.
+
+    ``messages`` are OpenAI-style messages whose image parts are ``{"type": "image"}`` placeholders;
+    ``images`` holds the encoded image files for them, in order. ``sampling`` uses the engine's
+    SamplingParams names (plus ``max_slice_nums``).
+    """
+
+    request_id: str
+    messages: list[dict[str, Any]]
+    images: list[bytes] = field(default_factory=list)
+    sampling: dict[str, Any] = field(default_factory=dict)
+    stream: bool = False
+    logprobs: bool = False
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    logprob: float
+    top_logprobs: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class GenerateChunk:
+    """New output of one choice. ``text`` is a delta when streaming, the whole text otherwise.
+    Token counts are totals so far for that choice; ``finish_reason`` is set on its last chunk."""
+
+    index: int
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None
+
+
+class InferenceBackend(Protocol):
+    def generate(self, model: str, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        """Chunks until every choice finished. Raises BackendError. Closing the iterator early cancels
+        the request on the server."""
+        ...
+
+    async def server_ready(self) -> bool: ...
+
+    async def ready_models(self) -> list[str]:
+        """Names of the models ready to serve. Raises BackendError(UNAVAILABLE) when the server is down."""
+        ...
+
+    async def close(self) -> None: ...

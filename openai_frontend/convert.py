@@ -1,0 +1,147 @@
+"""A validated ChatCompletionRequest -> the backend's GenerateRequest: messages checked (roles, one system
+message first, images only from the user), images decoded / fetched / downscaled, OpenAI's sampling fields
+mapped onto the engine's names. Raises APIError(400) with the offending ``param``."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import httpx
+
+from openai_frontend import images
+from openai_frontend.backend import GenerateRequest
+from openai_frontend.errors import invalid
+from openai_frontend.schemas import (
+    ChatCompletionContentPartFile,
+    ChatCompletionContentPartImage,
+    ChatCompletionContentPartText,
+    ChatCompletionRequest,
+)
+from openai_frontend.settings import Settings
+
+ROLES = ("system", "developer", "user", "assistant")
+SYSTEM_ROLES = ("system", "developer")  # OpenAI's newer name for the system message
+_UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "logit_bias")
+
+
+async def to_generate_request(request: ChatCompletionRequest, settings: Settings,
+                              http: httpx.AsyncClient | None = None) -> GenerateRequest:  # fmt: skip
+    for name in _UNSUPPORTED:
+        if getattr(request, name) not in (None, [], {}):
+            raise invalid(f"'{name}' is not supported by this server", name, code="unsupported_parameter")
+    if request.stream_options is not None and not request.stream:
+        raise invalid("stream_options is only allowed when stream is true", "stream_options")
+    if request.top_logprobs and not request.logprobs:
+        raise invalid("top_logprobs requires logprobs to be true", "top_logprobs")
+
+    messages, sources, details = _messages(request)
+    if len(sources) > settings.max_images_per_request:
+        raise invalid(f"{len(sources)} images; at most {settings.max_images_per_request} per request", "messages",
+                      code="too_many_images")  # fmt: skip
+    encoded = await asyncio.gather(*(_image(src, param, settings, http) for src, param in sources))
+
+    sampling = _sampling(request)
+    if encoded and request.max_slice_nums is None and all(d == "low" for d in details):
+        sampling["max_slice_nums"] = 1  # detail "low": the whole image only, no high-resolution slices
+    return GenerateRequest(
+        request_id=f"chatcmpl-{uuid.uuid4().hex}",
+        messages=messages,
+        images=list(encoded),
+        sampling=sampling,
+        stream=request.stream,
+        logprobs=request.logprobs,
+    )
+
+
+def _messages(request: ChatCompletionRequest) -> tuple[list[dict[str, Any]], list[tuple[str, str]], list[str]]:
+    """Messages for the backend (image parts as placeholders), the image sources with their params, details."""
+    out: list[dict[str, Any]] = []
+    sources: list[tuple[str, str]] = []
+    details: list[str] = []
+    for i, message in enumerate(request.messages):
+        where = f"messages[{i}]"
+        role = message.role
+        if role not in ROLES:
+            raise invalid(f"{where}: role '{role}' is not supported (use system, user or assistant)", f"{where}.role")
+        if role in SYSTEM_ROLES:
+            if i != 0:
+                raise invalid(f"{where}: only one system message is allowed, and it must come first", where)
+            role = "system"
+        content = message.content
+        if content is None:
+            if role != "assistant":
+                raise invalid(f"{where}: content is required", f"{where}.content")
+            content = ""
+        if isinstance(content, str):
+            out.append({"role": role, "content": content})
+            continue
+        parts: list[dict[str, Any]] = []
+        for j, part in enumerate(content):
+            param = f"{where}.content[{j}]"
+            if isinstance(part, ChatCompletionContentPartText):
+                parts.append({"type": "text", "text": part.text})
+                continue
+            if role != "user":
+                raise invalid(f"{param}: images are only allowed in user messages", param)
+            if isinstance(part, ChatCompletionContentPartImage):
+                sources.append((part.image_url.url, f"{param}.image_url.url"))
+                details.append(part.image_url.detail)
+                parts.append({"type": "image"})
+            elif isinstance(part, ChatCompletionContentPartFile):
+                raise invalid(f"{param}: file parts are not supported", param, code="unsupported_content")
+        out.append({"role": role, "content": parts})
+    if not any(m["role"] == "user" for m in out):
+        raise invalid("messages must include at least one user message", "messages")
+    return out, sources, details
+
+
+async def _image(source: str, param: str, settings: Settings, http: httpx.AsyncClient | None) -> bytes:
+    scheme = source.split(":", 1)[0].lower() if ":" in source[:16] else ""
+    if scheme == "data":
+        data_url = images.parse_data_url(source, max_bytes=settings.max_image_bytes, param=param)
+        if not data_url.mime.startswith("image/") and data_url.mime != "application/octet-stream":
+            raise invalid(f"expected an image data URL, got {data_url.mime}", param, code="invalid_image")
+        data = data_url.data
+    elif scheme in ("http", "https"):
+        if http is None:
+            raise invalid("image URLs are disabled on this server", param, code="remote_images_disabled")
+        data = await images.fetch_image(source, settings, http, param)
+    else:
+        raise invalid("image URLs must be data: URLs (or http(s) where the server allows them)", param,
+                      code="invalid_image_url")  # fmt: skip
+    return await asyncio.to_thread(images.prepare_image, data, settings, param)
+
+
+def _sampling(request: ChatCompletionRequest) -> dict[str, Any]:
+    """OpenAI fields -> the engine's SamplingParams names. Fields left out keep the model's defaults."""
+    sampling: dict[str, Any] = {}
+    max_tokens = request.max_completion_tokens or request.max_tokens
+    stop = [request.stop] if isinstance(request.stop, str) else request.stop
+    if stop is not None and len(stop) > 4:
+        raise invalid("stop takes at most 4 sequences", "stop")
+    if stop is not None and any(not s for s in stop):
+        raise invalid("stop sequences must not be empty", "stop")
+    fields = {
+        "max_tokens": max_tokens,
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "presence_penalty": request.presence_penalty,
+        "frequency_penalty": request.frequency_penalty,
+        "seed": request.seed,
+        "stop": stop,
+        "n": request.n if request.n != 1 else None,
+        "logprobs": True if request.logprobs else None,
+        "top_logprobs": request.top_logprobs or None,
+        "response_format": request.response_format.model_dump(by_alias=True, exclude_none=True)
+        if request.response_format is not None else None,
+        # extensions
+        "top_k": request.top_k,
+        "repetition_penalty": request.repetition_penalty,
+        "min_tokens": request.min_tokens,
+        "ignore_eos": request.ignore_eos,
+        "max_slice_nums": request.max_slice_nums,
+    }  # fmt: skip
+    sampling.update({k: v for k, v in fields.items() if v is not None})
+    return sampling

@@ -1,0 +1,127 @@
+"""The one error envelope, ``{"error": {"message", "type", "param", "code"}}``, and the one place that maps
+failures to it: validation problems, backend errors, and anything unexpected (logged, never shown)."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from openai_frontend.backend import BackendError
+
+logger = logging.getLogger(__name__)
+
+# Backend error kinds -> (HTTP status, OpenAI error type).
+_BACKEND_STATUS = {
+    BackendError.INVALID: (400, "invalid_request_error"),
+    BackendError.QUEUE_FULL: (429, "rate_limit_error"),
+    BackendError.UNAVAILABLE: (503, "service_unavailable_error"),
+    BackendError.TIMEOUT: (504, "timeout_error"),
+    BackendError.INTERNAL: (500, "internal_error"),
+    BackendError.CANCELLED: (499, "cancelled"),
+}
+_HTTP_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable_error",
+    504: "timeout_error",
+}
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+class APIError(Exception):
+    """A failure the client should see, with its HTTP status."""
+
+    def __init__(self, status: int, message: str, *, type: str | None = None, param: str | None = None,
+                 code: str | None = None):  # fmt: skip
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type or _HTTP_TYPES.get(status, "invalid_request_error" if status < 500 else "internal_error")
+        self.param = param
+        self.code = code
+
+    def info(self) -> ErrorInfo:
+        return ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(ErrorResponse(error=self.info()).model_dump(), status_code=self.status)
+
+
+def invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def from_backend(error: BackendError) -> APIError:
+    status, kind = _BACKEND_STATUS[error.kind]
+    code = error.code or (None if error.kind == BackendError.INVALID else error.kind)
+    return APIError(status, error.message, type=kind, code=code)
+
+
+def to_api_error(exc: BaseException) -> APIError:
+    """Any exception -> what the client sees. Unexpected ones are logged with their trace, shown as 500."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, BackendError):
+        return from_backend(exc)
+    logger.exception("unexpected error", exc_info=exc)
+    return APIError(500, "internal server error", type="internal_error")
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    message = first.get("msg", "invalid value")
+    if first.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None
+    if first.get("type") == "extra_forbidden":
+        message = "unrecognized request argument"
+    return (f"{param}: {message}" if param else message), param
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(BackendError)
+    async def _backend_error(request: Request, exc: BackendError) -> JSONResponse:
+        return from_backend(exc).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return APIError(400, message, param=param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else "error"
+        if exc.status_code == 404:
+            message = f"no such endpoint: {request.method} {request.url.path}"
+        return APIError(exc.status_code, message).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return to_api_error(exc).response()

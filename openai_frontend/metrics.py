@@ -1,0 +1,26 @@
+"""Prometheus metrics of the frontend (served on GET /metrics), in their own registry."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
+_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("minicpmv_frontend_requests", "Chat completion requests by model and HTTP status",
+                                ["model", "status"], registry=r)  # fmt: skip
+        self.latency = Histogram("minicpmv_frontend_request_duration_seconds", "Request latency, to the last token",
+                                 ["model"], buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.ttft = Histogram("minicpmv_frontend_time_to_first_token_seconds", "Time to the first output token",
+                              ["model"], buckets=_TTFT_BUCKETS, registry=r)  # fmt: skip
+        self.prompt_tokens = Counter("minicpmv_frontend_prompt_tokens", "Prompt tokens (images included)",
+                                     ["model"], registry=r)  # fmt: skip
+        self.completion_tokens = Counter("minicpmv_frontend_completion_tokens", "Generated tokens", ["model"],
+                                         registry=r)  # fmt: skip
+        self.in_flight = Gauge("minicpmv_frontend_requests_in_flight", "Requests being served", ["model"],
+                               registry=r)  # fmt: skip

@@ -1,0 +1,43 @@
+"""POST /v1/chat/completions."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from openai_frontend.convert import to_generate_request
+from openai_frontend.dependencies import ChatDep, RegistryDep, SettingsDep
+from openai_frontend.errors import ErrorResponse
+from openai_frontend.schemas import ChatCompletion, ChatCompletionRequest
+from openai_frontend.serving import ClientDisconnected
+
+router = APIRouter()
+
+_ERRORS = {
+    400: {"model": ErrorResponse, "description": "Invalid request: parameters, messages, images, context length"},
+    401: {"model": ErrorResponse, "description": "Missing or wrong API key (when keys are configured)"},
+    404: {"model": ErrorResponse, "description": "Unknown model"},
+    413: {"model": ErrorResponse, "description": "Request body too large"},
+    429: {"model": ErrorResponse, "description": "Too many requests in flight, or the model's queue is full"},
+    500: {"model": ErrorResponse, "description": "The model failed on this request"},
+    503: {"model": ErrorResponse, "description": "Triton or the model is not available"},
+    504: {"model": ErrorResponse, "description": "The request took longer than the server's time limit"},
+}
+
+
+@router.post(
+    "/v1/chat/completions",
+    response_model=ChatCompletion,
+    responses={200: {"content": {"text/event-stream": {}},
+                     "description": "A chat.completion, or with stream=true chat.completion.chunk events"},
+               **_ERRORS},  # fmt: skip
+    summary="Create a chat completion (text and images; streaming; JSON mode)",
+)
+async def create_chat_completion(body: ChatCompletionRequest, request: Request, settings: SettingsDep,
+                                 registry: RegistryDep, chat: ChatDep):  # fmt: skip
+    model = await registry.resolve(body.model)
+    generate = await to_generate_request(body, settings, request.app.state.http)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    try:
+        return await chat.complete(request, model, body.model, generate, include_usage)
+    except ClientDisconnected:
+        return Response(status_code=499)

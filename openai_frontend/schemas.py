@@ -1,0 +1,205 @@
+"""OpenAI chat-completions schemas, written by hand: one class per OpenAI object, fields named and ordered as
+in OpenAI's API reference. Our extensions are fenced off and marked as such."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# ---------------------------------------------------------------- request: messages
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ImageURL(_Strict):
+    url: str
+    detail: Literal["auto", "low", "high"] = "auto"
+
+
+class ChatCompletionContentPartText(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatCompletionContentPartImage(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class FileData(_Strict):
+    file_data: str | None = None
+    file_id: str | None = None
+    filename: str | None = None
+
+
+class ChatCompletionContentPartFile(_Strict):
+    type: Literal["file"]
+    file: FileData
+
+
+ContentPart = Annotated[
+    ChatCompletionContentPartText | ChatCompletionContentPartImage | ChatCompletionContentPartFile,
+    Field(discriminator="type"),
+]
+
+
+class ChatCompletionMessage(BaseModel):
+    """A message of the request. Unknown roles (tool, function) get a clear 400 from the converter."""
+
+    model_config = ConfigDict(extra="ignore")  # e.g. "refusal" or "annotations" echoed back by clients
+
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class ResponseFormatJSONSchema(BaseModel):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: ResponseFormatJSONSchema | None = None
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+# ---------------------------------------------------------------- request
+
+
+class ChatCompletionRequest(_Strict):
+    model: str
+    messages: list[ChatCompletionMessage] = Field(min_length=1)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    n: int = Field(1, ge=1, le=16)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    response_format: ResponseFormat | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    user: str | None = None
+    # Accepted and ignored: they change nothing about a local model's answer.
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    parallel_tool_calls: bool | None = None
+    # Not supported; refused with a clear message when set (see convert.py).
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: Any = None
+    logit_bias: dict[str, float] | None = None
+
+    # --- extensions (not in OpenAI's API; as in vLLM) ---
+    top_k: int | None = Field(None, ge=-1, description="extension: sample from the k most likely tokens")
+    repetition_penalty: float | None = Field(None, gt=0.0, description="extension: >1 discourages repeats")
+    min_tokens: int | None = Field(None, ge=0, description="extension: no stop before this many tokens")
+    ignore_eos: bool | None = Field(None, description="extension: fixed-length output (benchmarks)")
+    max_slice_nums: int | None = Field(None, ge=1, le=36, description="extension: image slices per image")
+
+
+# ---------------------------------------------------------------- responses
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatCompletionTokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[ChatCompletionTokenLogprob] | None
+    refusal: list[ChatCompletionTokenLogprob] | None = None
+
+
+class CompletionUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletionResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    refusal: str | None = None
+
+
+class Choice(BaseModel):
+    index: int
+    message: ChatCompletionResponseMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: Literal["stop", "length", "content_filter", "tool_calls"]
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    system_fingerprint: str
+    choices: list[Choice]
+    usage: CompletionUsage
+
+
+class ChoiceDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int
+    delta: ChoiceDelta
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: Literal["stop", "length", "content_filter", "tool_calls"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=_now)
+    model: str
+    system_fingerprint: str
+    choices: list[ChunkChoice]
+    usage: CompletionUsage | None = None
+
+
+class Model(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "openbmb"
+    # Extensions: the Triton model behind the name, and the other names it answers to.
+    root: str | None = None
+    aliases: list[str] = Field(default_factory=list)
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Model]

@@ -1,0 +1,249 @@
+"""Chat completions: run a converted request on the backend and answer in OpenAI's shapes, as one
+``chat.completion`` or as a ``chat.completion.chunk`` SSE stream. Owns the per-request deadline, the
+in-flight limit, cancellation when the client goes away, and the request metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from openai_frontend import __version__
+from openai_frontend.backend import BackendError, GenerateChunk, GenerateRequest, InferenceBackend, TokenLogprob
+from openai_frontend.errors import APIError, to_api_error
+from openai_frontend.metrics import Metrics
+from openai_frontend.schemas import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionResponseMessage,
+    ChatCompletionTokenLogprob,
+    Choice,
+    ChoiceDelta,
+    ChoiceLogprobs,
+    ChunkChoice,
+    CompletionUsage,
+    TopLogprob,
+)
+from openai_frontend.settings import Settings
+
+logger = logging.getLogger(__name__)
+SYSTEM_FINGERPRINT = f"fp_minicpmv_{__version__}"
+_FINISH_REASONS = ("stop", "length")
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+def to_logprobs(entries: list[TokenLogprob] | None) -> ChoiceLogprobs | None:
+    if entries is None:
+        return None
+    return ChoiceLogprobs(content=[
+        ChatCompletionTokenLogprob(
+            token=e.token, logprob=e.logprob, bytes=list(e.token.encode()),
+            top_logprobs=[TopLogprob(token=t, logprob=lp, bytes=list(t.encode())) for t, lp in e.top_logprobs],
+        )
+        for e in entries
+    ])  # fmt: skip
+
+
+def _finish(reason: str | None) -> str | None:
+    if reason is None:
+        return None
+    return reason if reason in _FINISH_REASONS else "stop"
+
+
+class ChatService:
+    def __init__(self, settings: Settings, backend: InferenceBackend, metrics: Metrics):
+        self.settings = settings
+        self.backend = backend
+        self.metrics = metrics
+        self.in_flight = 0
+
+    async def complete(self, http_request: Request, model: str, served_name: str, request: GenerateRequest,
+                       include_usage: bool) -> ChatCompletion | StreamingResponse:  # fmt: skip
+        """``model`` is the backend's name, ``served_name`` the one the client used (echoed back)."""
+        limit = self.settings.max_concurrent_requests
+        if limit and self.in_flight >= limit:
+            self.metrics.requests.labels(served_name, "429").inc()
+            raise APIError(429, f"too many requests in flight (limit {limit}); retry later",
+                           code="too_many_requests")  # fmt: skip
+        run = _Run(self, model, served_name, request)
+        if not request.stream:
+            return await run.collect(http_request)
+        first = await run.start()  # errors before the first token are HTTP errors, as OpenAI does
+        return StreamingResponse(run.sse(first, include_usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+
+
+class _Run:
+    """One request's life: in-flight accounting, deadline, metrics."""
+
+    def __init__(self, service: ChatService, model: str, served_name: str, request: GenerateRequest):
+        self.s = service
+        self.model = model
+        self.name = served_name
+        self.request = request
+        self.started = time.perf_counter()
+        self.deadline = asyncio.get_running_loop().time() + service.settings.request_timeout
+        self.first_token_at: float | None = None
+        self.prompt_tokens = 0
+        self.completion_tokens: dict[int, int] = {}
+        self._chunks: AsyncIterator[GenerateChunk] | None = None
+        self._open = False
+
+    # -- accounting
+    def _enter(self) -> None:
+        self._open = True
+        self.s.in_flight += 1
+        self.s.metrics.in_flight.labels(self.name).inc()
+
+    def _exit(self, status: int) -> None:
+        if not self._open:
+            return
+        self._open = False
+        self.s.in_flight -= 1
+        m = self.s.metrics
+        m.in_flight.labels(self.name).dec()
+        m.requests.labels(self.name, str(status)).inc()
+        if status == 200:
+            m.latency.labels(self.name).observe(time.perf_counter() - self.started)
+        m.prompt_tokens.labels(self.name).inc(self.prompt_tokens)
+        m.completion_tokens.labels(self.name).inc(sum(self.completion_tokens.values()))
+
+    def _seen(self, chunk: GenerateChunk) -> None:
+        if self.first_token_at is None and (chunk.text or chunk.completion_tokens):
+            self.first_token_at = time.perf_counter()
+            self.s.metrics.ttft.labels(self.name).observe(self.first_token_at - self.started)
+        self.prompt_tokens = chunk.prompt_tokens or self.prompt_tokens
+        self.completion_tokens[chunk.index] = chunk.completion_tokens
+
+    def usage(self) -> CompletionUsage:
+        completion = sum(self.completion_tokens.values())
+        return CompletionUsage(prompt_tokens=self.prompt_tokens, completion_tokens=completion,
+                               total_tokens=self.prompt_tokens + completion)  # fmt: skip
+
+    # -- the backend stream, with the deadline
+    async def _next(self) -> GenerateChunk | None:
+        remaining = self.deadline - asyncio.get_running_loop().time()
+        try:
+            if remaining <= 0:
+                raise TimeoutError
+            chunk = await asyncio.wait_for(self._chunks.__anext__(), remaining)
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            raise BackendError(BackendError.TIMEOUT, f"the request took longer than the server's limit of "
+                               f"{self.s.settings.request_timeout:g} s", code="timeout") from None  # fmt: skip
+        self._seen(chunk)
+        return chunk
+
+    async def _close(self) -> None:
+        if self._chunks is not None:
+            with contextlib.suppress(Exception):
+                await self._chunks.aclose()
+
+    async def start(self) -> GenerateChunk | None:
+        self._enter()
+        self._chunks = self.s.backend.generate(self.model, self.request).__aiter__()
+        try:
+            return await self._next()
+        except BaseException as e:
+            await self._close()
+            self._exit(to_api_error(e).status if isinstance(e, Exception) else 499)
+            raise
+
+    # -- non-streaming
+    async def collect(self, http_request: Request) -> ChatCompletion:
+        task = asyncio.ensure_future(self._collect())
+        watcher = asyncio.ensure_future(_wait_disconnect(http_request))
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            watcher.cancel()
+            return task.result()
+        task.cancel()  # the client went away: cancel on the server too
+        with contextlib.suppress(BaseException):
+            await task
+        raise ClientDisconnected
+
+    async def _collect(self) -> ChatCompletion:
+        status = 499
+        try:
+            chunk = await self.start()
+            texts: dict[int, str] = {}
+            finish: dict[int, str] = {}
+            logprobs: dict[int, list[TokenLogprob]] = {}
+            while chunk is not None:
+                texts[chunk.index] = texts.get(chunk.index, "") + chunk.text
+                if chunk.logprobs is not None:
+                    logprobs.setdefault(chunk.index, []).extend(chunk.logprobs)
+                if chunk.finish_reason is not None:
+                    finish[chunk.index] = chunk.finish_reason
+                chunk = await self._next()
+            choices = [
+                Choice(index=i, message=ChatCompletionResponseMessage(content=texts[i]),
+                       logprobs=to_logprobs(logprobs.get(i)) if self.request.logprobs else None,
+                       finish_reason=_finish(finish.get(i, "stop")))  # fmt: skip
+                for i in sorted(texts)
+            ]
+            status = 200
+            return ChatCompletion(id=self.request.request_id, model=self.name, system_fingerprint=SYSTEM_FINGERPRINT,
+                                  choices=choices, usage=self.usage())  # fmt: skip
+        except Exception as e:
+            status = to_api_error(e).status
+            raise
+        finally:
+            await self._close()
+            self._exit(status)
+
+    # -- streaming
+    def _chunk(self, choices: list[ChunkChoice], usage: CompletionUsage | None, include_usage: bool) -> str:
+        body = ChatCompletionChunk(id=self.request.request_id, model=self.name, system_fingerprint=SYSTEM_FINGERPRINT,
+                                   choices=choices, usage=usage).model_dump()  # fmt: skip
+        for choice in body["choices"]:
+            choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+        if not include_usage:
+            del body["usage"]
+        return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
+
+    async def sse(self, first: GenerateChunk | None, include_usage: bool) -> AsyncIterator[str]:
+        status = 499
+        try:
+            n = int(self.request.sampling.get("n", 1))
+            yield self._chunk([ChunkChoice(index=i, delta=ChoiceDelta(role="assistant", content=""))
+                               for i in range(n)], None, include_usage)  # fmt: skip
+            chunk = first
+            while chunk is not None:
+                lp = to_logprobs(chunk.logprobs) if self.request.logprobs and chunk.logprobs else None
+                if chunk.text or lp is not None:
+                    yield self._chunk([ChunkChoice(index=chunk.index, delta=ChoiceDelta(content=chunk.text),
+                                                   logprobs=lp)], None, include_usage)  # fmt: skip
+                if chunk.finish_reason is not None:
+                    yield self._chunk([ChunkChoice(index=chunk.index, delta=ChoiceDelta(),
+                                                   finish_reason=_finish(chunk.finish_reason))], None,
+                                      include_usage)  # fmt: skip
+                chunk = await self._next()
+            if include_usage:
+                yield self._chunk([], self.usage(), include_usage)
+            status = 200
+        except Exception as e:  # noqa: BLE001 - becomes an error event; the stream then ends
+            error = to_api_error(e)
+            status = error.status
+            yield f"data: {json.dumps({'error': error.info().model_dump()})}\n\n"
+        finally:
+            await self._close()
+            self._exit(status)
+        yield "data: [DONE]\n\n"
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

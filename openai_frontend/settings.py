@@ -1,0 +1,70 @@
+"""Frontend settings: environment variables ``MINICPMV_FRONTEND_<NAME>`` (or command-line flags), validated once."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "MINICPMV_FRONTEND_"
+
+# Names a client may use besides Triton's model names (OpenAI-style and Hugging Face Hub ids).
+DEFAULT_ALIASES = {
+    "MiniCPM-V-2_6": "minicpm_v_2_6",
+    "openbmb/MiniCPM-V-2_6": "minicpm_v_2_6",
+    "MiniCPM-V-2_6-int4": "minicpm_v_2_6_int4",
+    "openbmb/MiniCPM-V-2_6-int4": "minicpm_v_2_6_int4",
+}
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    """Everything the frontend can be told. Lists take comma-separated values in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    host: str = "0.0.0.0"
+    port: int = Field(9000, ge=1, le=65535)
+    log_level: str = "info"
+
+    # Triton: gRPC (streaming) for generation, HTTP for health and the model list.
+    triton_grpc_url: str = "127.0.0.1:8001"
+    triton_http_url: str = "127.0.0.1:8000"
+    # Served models (Triton names). Empty: every model Triton reports READY.
+    models: CommaList = Field(default_factory=list)
+
+    # Authentication: when keys are set, /v1/* needs "Authorization: Bearer <key>".
+    api_keys: CommaList = Field(default_factory=list)
+
+    # Limits.
+    request_timeout: float = Field(600.0, gt=0, description="seconds a request may take, to its last token")
+    max_concurrent_requests: int = Field(512, ge=0, description="requests in flight; more get 429 (0: no limit)")
+    max_body_bytes: int = Field(64 * 2**20, ge=1024)
+    max_images_per_request: int = Field(16, ge=0)
+    max_image_bytes: int = Field(20 * 2**20, ge=1)
+    max_image_pixels: int = Field(50_000_000, ge=1, description="larger images are refused (decompression bombs)")
+    # Images with more pixels are downscaled (aspect kept) before they go to Triton. The model sees at most
+    # about 9 slices of 448x448 by default, so 1344x1344 loses nothing it would use.
+    image_pixel_budget: int = Field(1344 * 1344, ge=28 * 28)
+
+    # http(s) image URLs: off unless an operator enables them; hosts must be on the allow-list ("*": any).
+    allow_remote_images: bool = False
+    remote_image_hosts: CommaList = Field(default_factory=list)
+    remote_image_timeout: float = Field(10.0, gt=0)
+
+    @field_validator("models", "api_keys", "remote_image_hosts", mode="before")
+    @classmethod
+    def _split(cls, value):
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        value = value.lower()
+        if value not in ("critical", "error", "warning", "info", "debug"):
+            raise ValueError("log_level must be one of critical, error, warning, info, debug")
+        return value

@@ -1,0 +1,176 @@
+""":class:`InferenceBackend` on Triton: gRPC streaming (tritonclient.grpc.aio) for generation, HTTP
+(tritonclient.http.aio) for health and the model list. The only module that imports tritonclient.
+
+Triton's gRPC stream carries an error as a bare message (no status code), so errors are classified by
+the messages our model and Triton are known to send; anything unrecognised is an invalid request, since
+the backend reports server-side failures as "internal error: ..."."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as grpcaio
+import tritonclient.http.aio as httpaio
+from tritonclient.utils import InferenceServerException
+
+from openai_frontend.backend import BackendError, GenerateChunk, GenerateRequest, TokenLogprob
+
+logger = logging.getLogger(__name__)
+
+_HEALTH_TIMEOUT = 2.0
+# Reconnect quickly once Triton is back (gRPC's default backoff grows to two minutes).
+_CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", 2**31 - 1),
+    ("grpc.max_receive_message_length", 2**31 - 1),
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.keepalive_time_ms", 30000),
+    ("grpc.keepalive_timeout_ms", 10000),
+]
+_QUEUE_FULL = ("exceeds maximum queue size", "requests are already waiting")
+_UNAVAILABLE = ("unknown model", "is not ready", "not found", "unavailable", "shut down", "stopped")
+
+
+def classify(message: str) -> BackendError:
+    """A Triton error message -> BackendError of the right kind."""
+    lowered = message.lower()
+    if any(p in lowered for p in _QUEUE_FULL):
+        return BackendError(BackendError.QUEUE_FULL, "the model's queue is full; retry later", code="queue_full")
+    if lowered.startswith("internal error") or "stub process" in lowered:
+        return BackendError(BackendError.INTERNAL, "the model failed on this request")
+    if "cancelled" in lowered:
+        return BackendError(BackendError.CANCELLED, "the request was cancelled")
+    if any(p in lowered for p in _UNAVAILABLE):
+        return BackendError(BackendError.UNAVAILABLE, f"the model is not available: {message}")
+    code = "context_length_exceeded" if "context" in lowered or "token budget" in lowered else None
+    return BackendError(BackendError.INVALID, message, code=code)
+
+
+def _bytes_tensor(name: str, values: list[bytes]) -> grpcclient.InferInput:
+    array = np.array([values], dtype=np.object_)
+    tensor = grpcclient.InferInput(name, list(array.shape), "BYTES")
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+def _bool_tensor(name: str, value: bool) -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput(name, [1, 1], "BOOL")
+    tensor.set_data_from_numpy(np.array([[value]], dtype=bool))
+    return tensor
+
+
+def build_inputs(request: GenerateRequest) -> list[grpcclient.InferInput]:
+    inputs = [
+        _bytes_tensor("messages", [json.dumps(request.messages).encode()]),
+        _bytes_tensor("sampling_parameters", [json.dumps(request.sampling).encode()]),
+        _bool_tensor("stream", request.stream),
+        _bool_tensor("exclude_input_in_output", True),
+        _bool_tensor("return_finish_reason", True),
+        _bool_tensor("return_num_input_tokens", True),
+        _bool_tensor("return_num_output_tokens", True),
+        _bool_tensor("return_logprobs", request.logprobs),
+    ]
+    if request.images:
+        inputs.append(_bytes_tensor("image", list(request.images)))
+    return inputs
+
+
+def _first(result, name: str):
+    array = result.as_numpy(name)
+    return None if array is None else array.reshape(-1)[0]
+
+
+def parse_result(result) -> GenerateChunk:
+    text = _first(result, "text_output")
+    finish = _first(result, "finish_reason")
+    logprobs = None
+    raw = _first(result, "logprobs")
+    if raw is not None:
+        logprobs = [
+            TokenLogprob(e["token"], e["logprob"], [(t["token"], t["logprob"]) for t in e.get("top_logprobs", [])])
+            for e in json.loads(raw)
+        ]
+    return GenerateChunk(
+        index=int(_first(result, "index") or 0),
+        text=text.decode("utf-8") if text is not None else "",
+        finish_reason=(finish.decode() or None) if finish is not None else None,
+        prompt_tokens=int(_first(result, "num_input_tokens") or 0),
+        completion_tokens=int(_first(result, "num_output_tokens") or 0),
+        logprobs=logprobs,
+    )
+
+
+class TritonBackend:
+    def __init__(self, grpc_url: str, http_url: str):
+        self.grpc_url = grpc_url
+        self.http_url = http_url.removeprefix("http://")
+        self._grpc = grpcaio.InferenceServerClient(grpc_url, channel_args=_CHANNEL_ARGS)
+        self._http: httpaio.InferenceServerClient | None = None
+
+    def _http_client(self) -> httpaio.InferenceServerClient:
+        if self._http is None:  # created lazily: aiohttp wants a running event loop
+            self._http = httpaio.InferenceServerClient(self.http_url, conn_timeout=_HEALTH_TIMEOUT)
+        return self._http
+
+    async def generate(self, model: str, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        inputs = build_inputs(request)
+        n = int(request.sampling.get("n", 1))
+
+        async def requests():
+            yield {"model_name": model, "inputs": inputs, "request_id": request.request_id}
+
+        stream = self._grpc.stream_infer(requests())
+        finished = 0
+        try:
+            async for result, error in stream:
+                if error is not None:
+                    raise classify(str(error.message()))
+                chunk = parse_result(result)
+                if chunk.finish_reason is not None:
+                    finished += 1
+                yield chunk
+                if finished >= n:
+                    return
+            if finished < n:
+                raise BackendError(BackendError.INTERNAL, "the model's response stream ended early")
+        except grpc.aio.AioRpcError as e:
+            raise self._rpc_error(e) from None
+        except InferenceServerException as e:
+            raise classify(str(e.message())) from None
+        finally:
+            if finished < n:  # the client went away, an error, or a timeout: cancel on the server
+                stream.cancel()
+
+    def _rpc_error(self, error: grpc.aio.AioRpcError) -> BackendError:
+        if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return BackendError(BackendError.UNAVAILABLE, f"Triton is not reachable at {self.grpc_url}")
+        if error.code() == grpc.StatusCode.CANCELLED:
+            return BackendError(BackendError.CANCELLED, "the request was cancelled")
+        if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return BackendError(BackendError.INVALID, f"the request is too large for Triton: {error.details()}")
+        return classify(error.details() or str(error.code()))
+
+    async def server_ready(self) -> bool:
+        try:
+            return bool(await asyncio.wait_for(self._http_client().is_server_ready(), _HEALTH_TIMEOUT))
+        except Exception:  # noqa: BLE001 - any failure means "not ready"
+            return False
+
+    async def ready_models(self) -> list[str]:
+        try:
+            index = await asyncio.wait_for(self._http_client().get_model_repository_index(), _HEALTH_TIMEOUT)
+        except Exception as e:  # noqa: BLE001 - connection refused, timeouts, HTTP errors
+            raise BackendError(BackendError.UNAVAILABLE, f"Triton is not reachable at {self.http_url}") from e
+        return sorted(m["name"] for m in index if m.get("state") == "READY")
+
+    async def close(self) -> None:
+        await self._grpc.close()
+        if self._http is not None:
+            await self._http.close()
