@@ -42,23 +42,25 @@ class BodyLimit:
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             return await too_large.response()(scope, receive, send)
-        received = 0
-
-        async def limited_receive():
-            nonlocal received
+        if length is not None:
+            return await self.app(scope, receive, send)  # the HTTP server holds the body to its Content-Length
+        # No Content-Length (chunked upload): read the body here, counting, then replay it to the app.
+        messages, received = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise too_large
-            return message
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                return await too_large.response()(scope, receive, send)
+            if not message.get("more_body", False):
+                break
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except errors.APIError as e:
-            if e is not too_large:
-                raise
-            await too_large.response()(scope, receive, send)
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
 
 
 def create_app(settings: Settings | None = None,

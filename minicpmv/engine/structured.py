@@ -37,6 +37,10 @@ logger = logging.getLogger(__name__)
 
 CompiledGrammar = xgr.CompiledGrammar
 _DEFAULT_CACHE_SIZE = 64
+# Whitespace between JSON tokens is free-form (models pretty-print) but bounded: unbounded whitespace lets a
+# model loop on spaces until max_tokens, a known failure of grammar-constrained decoding. 16 characters
+# still allow two-space indentation seven levels deep.
+MAX_WHITESPACE = 16
 _RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
 # xgrammar's C++ errors start with "[hh:mm:ss] /path/file.cc:123: "; the rest is the useful message.
 _XGRAMMAR_LOCATION = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: .*? is false: )?")
@@ -114,11 +118,13 @@ class GrammarCompilerCache:
         return self._cached("json_schema:" + canonical, lambda: self._compile_schema(canonical))
 
     def _compile_any_object(self) -> CompiledGrammar:
-        return self._compiler.compile_json_schema('{"type":"object"}', any_whitespace=True, strict_mode=False)
+        return self._compiler.compile_json_schema('{"type":"object"}', any_whitespace=True, strict_mode=False,
+                                                  max_whitespace_cnt=MAX_WHITESPACE)  # fmt: skip
 
     def _compile_schema(self, canonical_schema: str) -> CompiledGrammar:
         try:
-            return self._compiler.compile_json_schema(canonical_schema, any_whitespace=True, strict_mode=True)
+            return self._compiler.compile_json_schema(canonical_schema, any_whitespace=True, strict_mode=True,
+                                                      max_whitespace_cnt=MAX_WHITESPACE)  # fmt: skip
         except RuntimeError as error:
             reason = _XGRAMMAR_LOCATION.sub("", str(error).strip())
             raise ValueError(f"response_format.json_schema.schema is not supported: {reason}") from error
