@@ -5,12 +5,13 @@ mapped onto the engine's names. Raises APIError(400) with the offending ``param`
 from __future__ import annotations
 
 import asyncio
+import io
 import uuid
 from typing import Any
 
 import httpx
 
-from openai_frontend import images
+from openai_frontend import images, pdf
 from openai_frontend.backend import GenerateRequest
 from openai_frontend.errors import invalid
 from openai_frontend.schemas import (
@@ -37,10 +38,13 @@ async def to_generate_request(request: ChatCompletionRequest, settings: Settings
         raise invalid("top_logprobs requires logprobs to be true", "top_logprobs")
 
     messages, sources, details = _messages(request)
-    if len(sources) > settings.max_images_per_request:
-        raise invalid(f"{len(sources)} images; at most {settings.max_images_per_request} per request", "messages",
-                      code="too_many_images")  # fmt: skip
-    encoded = await asyncio.gather(*(_image(src, param, settings, http) for src, param in sources))
+    # A PDF part stands for several images (its pages); expand its placeholder once the pages are known.
+    rendered = await asyncio.gather(*(_source(src, settings, http) for src in sources))
+    encoded = [image for group in rendered for image in group]
+    if len(encoded) > settings.max_images_per_request:
+        raise invalid(f"{len(encoded)} images (PDF pages included); at most {settings.max_images_per_request} per "
+                      "request", "messages", code="too_many_images")  # fmt: skip
+    messages = _expand_pdf_placeholders(messages, [len(group) for group in rendered])
 
     sampling = _sampling(request)
     if encoded and request.max_slice_nums is None and all(d == "low" for d in details):
@@ -55,10 +59,17 @@ async def to_generate_request(request: ChatCompletionRequest, settings: Settings
     )
 
 
-def _messages(request: ChatCompletionRequest) -> tuple[list[dict[str, Any]], list[tuple[str, str]], list[str]]:
+class _Source:
+    """Where one image part's pixels come from: an image URL, or a PDF (several pages)."""
+
+    def __init__(self, url: str, param: str, pdf_pages: str | None = None, is_pdf: bool = False):
+        self.url, self.param, self.pdf_pages, self.is_pdf = url, param, pdf_pages, is_pdf
+
+
+def _messages(request: ChatCompletionRequest) -> tuple[list[dict[str, Any]], list[_Source], list[str]]:
     """Messages for the backend (image parts as placeholders), the image sources with their params, details."""
     out: list[dict[str, Any]] = []
-    sources: list[tuple[str, str]] = []
+    sources: list[_Source] = []
     details: list[str] = []
     for i, message in enumerate(request.messages):
         where = f"messages[{i}]"
@@ -86,15 +97,63 @@ def _messages(request: ChatCompletionRequest) -> tuple[list[dict[str, Any]], lis
             if role != "user":
                 raise invalid(f"{param}: images are only allowed in user messages", param)
             if isinstance(part, ChatCompletionContentPartImage):
-                sources.append((part.image_url.url, f"{param}.image_url.url"))
+                sources.append(_Source(part.image_url.url, f"{param}.image_url.url"))
                 details.append(part.image_url.detail)
                 parts.append({"type": "image"})
             elif isinstance(part, ChatCompletionContentPartFile):
-                raise invalid(f"{param}: file parts are not supported", param, code="unsupported_content")
+                if not part.file.file_data:
+                    raise invalid(f"{param}: send the file inline as file.file_data (a data: URL); file ids are "
+                                  "not supported", f"{param}.file", code="unsupported_content")  # fmt: skip
+                sources.append(_Source(part.file.file_data, f"{param}.file.file_data", part.file.pages, is_pdf=True))
+                details.append("auto")
+                parts.append({"type": "pdf"})
         out.append({"role": role, "content": parts})
     if not any(m["role"] == "user" for m in out):
         raise invalid("messages must include at least one user message", "messages")
     return out, sources, details
+
+
+def _expand_pdf_placeholders(messages: list[dict[str, Any]], counts: list[int]) -> list[dict[str, Any]]:
+    """Each ``{"type": "pdf"}`` placeholder becomes one image placeholder per rendered page."""
+    counts_iter = iter(counts)
+    for message in messages:
+        if isinstance(message["content"], list):
+            expanded = []
+            for part in message["content"]:
+                count = next(counts_iter) if part["type"] in ("image", "pdf") else 0
+                expanded += [{"type": "image"}] * count if part["type"] == "pdf" else [part]
+            message["content"] = expanded
+    return messages
+
+
+async def _source(source: _Source, settings: Settings, http: httpx.AsyncClient | None) -> list[bytes]:
+    if source.is_pdf:
+        return await _pdf_pages(source, settings)
+    return [await _image(source.url, source.param, settings, http)]
+
+
+async def _pdf_pages(source: _Source, settings: Settings) -> list[bytes]:
+    """A PDF data URL -> its pages (the requested range) rendered and encoded as PNG, in order."""
+    param = source.param
+    if not source.url.startswith("data:"):
+        raise invalid("file_data must be a data: URL (data:application/pdf;base64,...)", param)
+    data_url = images.parse_data_url(source.url, max_bytes=settings.max_pdf_bytes, param=param)
+    if data_url.mime not in ("application/pdf", "application/octet-stream"):
+        raise invalid(f"only PDF files are supported, got {data_url.mime}", param, code="unsupported_file")
+    try:
+        first, last = pdf.parse_page_range(source.pdf_pages)
+        pages = await asyncio.to_thread(pdf.render_pdf, data_url.data, dpi=settings.pdf_dpi, first_page=first,
+                                        last_page=last, max_pages=settings.pdf_max_pages,
+                                        max_bytes=settings.max_pdf_bytes)  # fmt: skip
+    except pdf.PDFError as e:
+        raise invalid(str(e), param, code="invalid_pdf") from None
+    return await asyncio.to_thread(lambda: [images.prepare_image(_png(page), settings, param) for page in pages])
+
+
+def _png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", compress_level=1)  # fast; the bytes only travel to Triton
+    return buffer.getvalue()
 
 
 async def _image(source: str, param: str, settings: Settings, http: httpx.AsyncClient | None) -> bytes:

@@ -34,6 +34,8 @@ class FileData(_Strict):
     file_data: str | None = None
     file_id: str | None = None
     filename: str | None = None
+    # --- extension: which pages of a PDF, e.g. "2-4", "3", "2-" (default: all, up to the server's limit)
+    pages: str | None = None
 
 
 class ChatCompletionContentPartFile(_Strict):

@@ -49,6 +49,11 @@ class Settings(BaseSettings):
     # about 9 slices of 448x448 by default, so 1344x1344 loses nothing it would use.
     image_pixel_budget: int = Field(1344 * 1344, ge=28 * 28)
 
+    # PDF file parts: pages rendered to images (pypdfium2) at this resolution, at most this many per request.
+    pdf_dpi: int = Field(144, ge=36, le=600)
+    pdf_max_pages: int = Field(16, ge=1)
+    max_pdf_bytes: int = Field(50 * 2**20, ge=1)
+
     # http(s) image URLs: off unless an operator enables them; hosts must be on the allow-list ("*": any).
     allow_remote_images: bool = False
     remote_image_hosts: CommaList = Field(default_factory=list)
