@@ -17,6 +17,8 @@ from PIL import Image, ImageOps
 from openai_frontend.errors import invalid
 from openai_frontend.settings import Settings
 
+_ORIENTATION = 0x0112  # EXIF tag
+_EXIF_FORMATS = ("JPEG", "WEBP", "TIFF")
 SUPPORTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,",
                        re.IGNORECASE)  # fmt: skip
@@ -48,7 +50,8 @@ def prepare_image(data: bytes, settings: Settings, param: str) -> bytes:
 
     Refused: not an image in a supported format, more than ``max_image_bytes``, more than
     ``max_image_pixels`` (checked from the header, before decoding). Downscaled (aspect kept, re-encoded
-    as PNG, or JPEG for JPEG sources): more than ``image_pixel_budget`` pixels. EXIF rotations are applied.
+    as PNG, or JPEG for JPEG sources): more than ``image_pixel_budget`` pixels. EXIF rotations (JPEG, WebP,
+    TIFF) are applied. Images sent as they are get a structure check only; Triton decodes their pixels.
     """
     if len(data) > settings.max_image_bytes:
         raise invalid(f"image of {len(data)} bytes; the limit is {settings.max_image_bytes}", param,
@@ -64,19 +67,23 @@ def prepare_image(data: bytes, settings: Settings, param: str) -> bytes:
             if width * height > settings.max_image_pixels:
                 raise invalid(f"image of {width}x{height} pixels; the limit is {settings.max_image_pixels} pixels",
                               param, code="image_too_large")  # fmt: skip
+            over_budget = width * height > settings.image_pixel_budget
+            # Photos carry their rotation in EXIF (JPEG, WebP, TIFF); PNG's verify() must come right after open.
+            rotated = image.format in _EXIF_FORMATS and image.getexif().get(_ORIENTATION, 1) not in (0, 1)
+            if not over_budget and not rotated:
+                # Sent as is: check the file's structure without decoding its pixels (Triton decodes them).
+                image.verify()
+                return data
+            source_format = image.format
             image.load()
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         raise invalid("the image is too large to decode", param, code="image_too_large") from None
     except (OSError, ValueError, SyntaxError):
         raise invalid("not a decodable image (supported: PNG, JPEG, WebP, GIF, BMP, TIFF)", param,
                       code="invalid_image") from None  # fmt: skip
-    source_format = image.format
-    rotated = ImageOps.exif_transpose(image)
-    over_budget = width * height > settings.image_pixel_budget
-    if not over_budget and rotated is image:
-        return data
-    image = rotated
+    image = ImageOps.exif_transpose(image) if rotated else image
     if over_budget:
+        width, height = image.size
         scale = (settings.image_pixel_budget / (width * height)) ** 0.5
         size = (max(1, int(width * scale)), max(1, int(height * scale)))
         if image.mode not in ("RGB", "RGBA", "L", "LA"):

@@ -38,6 +38,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     generate = await to_generate_request(body, settings, request.app.state.http)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     try:
-        return await chat.complete(request, model, body.model, generate, include_usage)
+        result = await chat.complete(request, model, body.model, generate, include_usage)
     except ClientDisconnected:
         return Response(status_code=499)
+    if isinstance(result, ChatCompletion):  # serialized once, here (FastAPI would validate it again)
+        return Response(result.model_dump_json(), media_type="application/json")
+    return result

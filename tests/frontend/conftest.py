@@ -4,71 +4,21 @@ real tritonserver of tests/conftest.py, and the official ``openai`` client point
 from __future__ import annotations
 
 import contextlib
-import os
 import select
 import socket
-import subprocess
-import sys
 import threading
-import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import openai
 import pytest
 
 from minicpmv_triton.launcher import free_port
+from openai_frontend.launcher import FrontendProcess
 
-ROOT = Path(__file__).resolve().parents[2]
 
-
-class Frontend:
-    """One ``python -m openai_frontend`` process; settings as MINICPMV_FRONTEND_* variables."""
-
-    def __init__(self, grpc_url: str, http_url: str, **settings):
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "MINICPMV_FRONTEND_HOST": "127.0.0.1", "MINICPMV_FRONTEND_PORT": str(self.port),
-                    "MINICPMV_FRONTEND_TRITON_GRPC_URL": grpc_url, "MINICPMV_FRONTEND_TRITON_HTTP_URL": http_url,
-                    "MINICPMV_FRONTEND_LOG_LEVEL": "warning"}  # fmt: skip
-        self.env.update({f"MINICPMV_FRONTEND_{k.upper()}": str(v) for k, v in settings.items()})
-        self.process: subprocess.Popen | None = None
-
-    def start(self, ready: bool = False, timeout: float = 30.0) -> Frontend:
-        self.process = subprocess.Popen([sys.executable, "-m", "openai_frontend"], cwd=ROOT, env=self.env,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
-        path = "/health/ready" if ready else "/health"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the frontend exited: {self.process.stderr.read()}")
-            with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError):
-                with urllib.request.urlopen(self.base_url + path, timeout=2) as response:
-                    if response.status == 200:
-                        return self
-            time.sleep(0.1)
-        self.stop()
-        raise TimeoutError(f"the frontend did not answer {path} within {timeout} s")
-
+class Frontend(FrontendProcess):
     def client(self, **kwargs) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.base_url + "/v1", api_key=kwargs.pop("api_key", "unused"), max_retries=0,
                              timeout=kwargs.pop("timeout", 120.0), **kwargs)  # fmt: skip
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def __enter__(self) -> Frontend:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 class TCPProxy:
