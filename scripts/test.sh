@@ -6,8 +6,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
   sed -n '2,3p' "$0"; exit 0
 fi
-"$ROOT/scripts/setup.sh" --dev
+"$ROOT/scripts/setup.sh" --dev >/dev/null
 PY="$ROOT/.venv/bin/python"
 cd "$ROOT"
-"$PY" -m ruff check minicpmv scripts tests
+"$PY" -m ruff check minicpmv minicpmv_triton openai_frontend docqa_eval scripts benchmarks examples tests
 exec "$PY" -m pytest "$@"

@@ -1,0 +1,316 @@
+#!/usr/bin/env bash
+# Serve MiniCPM-V 2.6 behind an OpenAI-compatible API (tritonserver + the frontend) in one command.
+# Usage: ./scripts/serve.sh [--model full|int4|both] [--demo] [--port 9000] ...   (--help for all options)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+usage() {
+  cat <<'EOF'
+Usage: ./scripts/serve.sh [options]
+
+Serves MiniCPM-V 2.6 behind an OpenAI-compatible API, in one command: sets up .venv (scripts/setup.sh
+--serve), fetches the weights from the Hugging Face Hub unless they are given or cached
+(scripts/download_weights.py), starts tritonserver (scripts/launch_triton.py) and the OpenAI frontend
+(python -m openai_frontend), waits until both are ready, prints where they listen and runs until Ctrl-C,
+which stops everything it started.
+
+Options:
+  --model full|int4|both        which model(s) to serve (default: int4; with --demo: both)
+                                  int4: openbmb/MiniCPM-V-2_6-int4, bitsandbytes nf4, about 6 GB
+                                  full: openbmb/MiniCPM-V-2_6, bf16, about 16 GB
+  --demo                        tiny random-weight checkpoints made locally, on the CPU: nothing to
+                                download, no GPU needed; it tries the whole stack (the answers are noise)
+  --checkpoint-full PATH_OR_REPO  a local checkpoint directory (used as it is) or a Hub repository id
+  --checkpoint-int4 PATH_OR_REPO  the same for the int4 model
+  --device auto|cpu|gpu         where the models run (default: auto, gpu when nvidia-smi is found;
+                                with --demo: cpu)
+  --host ADDR                   address the frontend and tritonserver listen on (default: 0.0.0.0)
+  --port N                      the frontend's port (default: 9000)
+  --triton-http-port N          tritonserver's HTTP port (default: 8000)
+  --triton-grpc-port N          tritonserver's gRPC port (default: 8001)
+  --triton-metrics-port N       tritonserver's metrics port (default: 8002)
+  -h, --help                    this text
+
+Environment:
+  MINICPMV_CHECKPOINT_MINICPM_V_2_6, MINICPMV_CHECKPOINT_MINICPM_V_2_6_INT4
+                                defaults for --checkpoint-full, --checkpoint-int4
+  HF_HOME, HF_HUB_CACHE, HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE
+                                the Hugging Face cache, a mirror, a token, cache-only mode
+  MINICPMV_FRONTEND_*           further frontend settings, e.g. MINICPMV_FRONTEND_API_KEYS
+                                (see openai_frontend/settings.py)
+  MINICPMV_SKIP_SETUP=1         do not run scripts/setup.sh; use the virtual environment as it is
+  MINICPMV_VENV                 the virtual environment (default: .venv)
+  MINICPMV_DEMO_DIR             where --demo keeps its checkpoints (default: .cache/demo-checkpoints)
+  MINICPMV_SERVE_LOG_DIR        where the tritonserver log goes (default: .cache/serve)
+  MINICPMV_READY_TIMEOUT        seconds to wait for the models to load (default: 900)
+
+Exit status: 0 when Ctrl-C or SIGTERM stopped everything, 1 when something failed (also when tritonserver
+or the frontend ended on its own), 2 for a usage error.
+EOF
+}
+
+say() { echo "serve: $*" >&2; }
+fail() { say "$*"; exit 1; }
+usage_error() { say "$*"; echo "Try './scripts/serve.sh --help'." >&2; exit 2; }
+
+# --- options ---------------------------------------------------------------------------------------------
+MODEL="" DEVICE="" DEMO=0 HOST=0.0.0.0 PORT=9000 HTTP_PORT=8000 GRPC_PORT=8001 METRICS_PORT=8002
+CKPT_FULL_FLAG="" CKPT_INT4_FLAG=""
+while (($#)); do
+  opt="$1" val="" inline=0
+  if [[ "$opt" == --*=* ]]; then val="${opt#*=}" opt="${opt%%=*}" inline=1; fi
+  case "$opt" in
+    -h|--help) usage; exit 0 ;;
+    --demo)
+      ((inline == 0)) || usage_error "--demo takes no value"
+      DEMO=1; shift; continue ;;
+    --model|--device|--host|--port|--triton-http-port|--triton-grpc-port|--triton-metrics-port|\
+    --checkpoint-full|--checkpoint-int4)
+      if ((inline == 0)); then
+        (($# >= 2)) || usage_error "$opt needs a value"
+        val="$2"; shift
+      fi
+      shift ;;
+    *) usage_error "unknown argument: $1" ;;
+  esac
+  case "$opt" in
+    --model) MODEL="$val" ;;
+    --device) DEVICE="$val" ;;
+    --host) HOST="$val" ;;
+    --port) PORT="$val" ;;
+    --triton-http-port) HTTP_PORT="$val" ;;
+    --triton-grpc-port) GRPC_PORT="$val" ;;
+    --triton-metrics-port) METRICS_PORT="$val" ;;
+    --checkpoint-full) CKPT_FULL_FLAG="$val" ;;
+    --checkpoint-int4) CKPT_INT4_FLAG="$val" ;;
+  esac
+done
+
+case "$MODEL" in ""|full|int4|both) ;; *) usage_error "--model must be full, int4 or both (not '$MODEL')" ;; esac
+case "$DEVICE" in ""|auto|cpu|gpu) ;; *) usage_error "--device must be auto, cpu or gpu (not '$DEVICE')" ;; esac
+[[ -n "$HOST" ]] || usage_error "--host needs an address"
+for port in "$PORT" "$HTTP_PORT" "$GRPC_PORT" "$METRICS_PORT"; do
+  if [[ ! "$port" =~ ^[0-9]{1,5}$ ]] || ((10#$port < 1 || 10#$port > 65535)); then
+    usage_error "not a port number: '$port'"
+  fi
+done
+PORT=$((10#$PORT)) HTTP_PORT=$((10#$HTTP_PORT)) GRPC_PORT=$((10#$GRPC_PORT)) METRICS_PORT=$((10#$METRICS_PORT))
+if [[ "$(printf '%s\n' "$PORT" "$HTTP_PORT" "$GRPC_PORT" "$METRICS_PORT" | sort -u | wc -l)" -ne 4 ]]; then
+  usage_error "the four ports must differ ($PORT, $HTTP_PORT, $GRPC_PORT, $METRICS_PORT)"
+fi
+if ((DEMO)) && [[ -n "$CKPT_FULL_FLAG$CKPT_INT4_FLAG" ]]; then
+  usage_error "--demo makes its own checkpoints; drop --checkpoint-full / --checkpoint-int4"
+fi
+if ((DEMO)); then MODEL="${MODEL:-both}" DEVICE="${DEVICE:-cpu}"; else MODEL="${MODEL:-int4}" DEVICE="${DEVICE:-auto}"; fi
+case "$MODEL" in both) KINDS=(full int4) ;; *) KINDS=("$MODEL") ;; esac
+CKPT_FULL="${CKPT_FULL_FLAG:-${MINICPMV_CHECKPOINT_MINICPM_V_2_6:-}}"
+CKPT_INT4="${CKPT_INT4_FLAG:-${MINICPMV_CHECKPOINT_MINICPM_V_2_6_INT4:-}}"
+READY_TIMEOUT="${MINICPMV_READY_TIMEOUT:-900}"
+[[ "$READY_TIMEOUT" =~ ^[0-9]+$ ]] || fail "MINICPMV_READY_TIMEOUT must be a number of seconds"
+# Clients here reach the servers on the loopback address when they listen on all interfaces.
+case "$HOST" in 0.0.0.0|::|"[::]") LOCAL_HOST=127.0.0.1 ;; *) LOCAL_HOST="$HOST" ;; esac
+
+if ((!DEMO)) && { [[ "$DEVICE" == cpu ]] || { [[ "$DEVICE" == auto ]] && ! command -v nvidia-smi >/dev/null 2>&1; }; }; then
+  say "warning: no GPU (nvidia-smi not found or --device cpu): the real model on the CPU is very slow and needs"
+  say "         about 32 GB of memory (full) in float32; ./scripts/serve.sh --demo tries the stack with tiny weights"
+fi
+
+model_name() { if [[ "$1" == full ]]; then echo minicpm_v_2_6; else echo minicpm_v_2_6_int4; fi; }
+
+# --- Python environment ----------------------------------------------------------------------------------
+VENV="${MINICPMV_VENV:-$ROOT/.venv}"
+if [[ "${MINICPMV_SKIP_SETUP:-0}" == 1 ]]; then
+  PY="$VENV/bin/python"
+  [[ -x "$PY" ]] || fail "MINICPMV_SKIP_SETUP=1 but $PY does not exist: run ./scripts/setup.sh --serve first"
+else
+  say "checking the Python environment (scripts/setup.sh --serve; the first run installs packages)"
+  PY="$("$ROOT/scripts/setup.sh" --serve)" || fail "scripts/setup.sh --serve failed (see above)"
+fi
+
+busy="$("$PY" - "$HOST" "$PORT" "$HTTP_PORT" "$GRPC_PORT" "$METRICS_PORT" <<'EOF'
+import socket, sys
+host = sys.argv[1].strip("[]")
+for port in sys.argv[2:]:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do
+        try:
+            sock.bind((host, int(port)))
+        except OSError as e:
+            print(f"{port} ({e.strerror or e})", end="; ")
+EOF
+)"
+busy="${busy%; }"
+[[ -z "$busy" ]] || fail "cannot listen on $HOST: port $busy. Another server running? Choose other ports with --port / --triton-*-port"
+
+# --- checkpoints -----------------------------------------------------------------------------------------
+declare -A CKPT_PATH=()
+
+demo_checkpoint() {  # kind -> prints the directory of a tiny checkpoint, made once and kept
+  local kind="$1" dir key tmp
+  dir="${MINICPMV_DEMO_DIR:-$ROOT/.cache/demo-checkpoints}/$kind"
+  # Made again when the code that writes them changes.
+  key="$(cat "$ROOT"/minicpmv/devtools/*.py | sha256sum | cut -c1-16)"
+  if [[ -f "$dir/.demo-key" && "$(cat "$dir/.demo-key")" == "$key" ]]; then echo "$dir"; return 0; fi
+  say "writing the tiny $kind demo checkpoint into $dir"
+  mkdir -p "$(dirname "$dir")"
+  tmp="$(mktemp -d "$dir.XXXXXX")"
+  local int4=()
+  [[ "$kind" == int4 ]] && int4=(--int4)
+  if ! "$PY" "$ROOT/scripts/make_tiny_checkpoint.py" --out "$tmp" "${int4[@]}" >&2; then
+    rm -rf "$tmp"; return 1
+  fi
+  echo "$key" > "$tmp/.demo-key"
+  rm -rf "$dir"
+  mv "$tmp" "$dir"
+  echo "$dir"
+}
+
+real_checkpoint() {  # kind, path-or-repo (may be empty) -> prints the checked checkpoint directory
+  local kind="$1" given="$2"
+  if [[ -n "$given" && -d "$given" ]]; then
+    say "checking the $kind checkpoint $given"
+    "$PY" "$ROOT/scripts/download_weights.py" --quiet --check-only "$given" --model "$kind"
+  elif [[ -z "$given" ]]; then
+    "$PY" "$ROOT/scripts/download_weights.py" --model "$kind"
+  elif [[ "$given" =~ ^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$ && ! -e "$given" ]]; then
+    "$PY" "$ROOT/scripts/download_weights.py" --model "$kind" --repo-id "$given"
+  else
+    say "the $kind checkpoint '$given' is not a directory (nor a Hub id of the form owner/name)"
+    return 1
+  fi
+}
+
+for kind in "${KINDS[@]}"; do
+  if ((DEMO)); then
+    CKPT_PATH[$kind]="$(demo_checkpoint "$kind")" || fail "could not write the tiny $kind checkpoint"
+  else
+    given="$CKPT_INT4"
+    [[ "$kind" == full ]] && given="$CKPT_FULL"
+    CKPT_PATH[$kind]="$(real_checkpoint "$kind" "$given")" || fail "no usable $kind checkpoint (see above)"
+  fi
+done
+
+# --- processes -------------------------------------------------------------------------------------------
+TRITON_PID="" FRONTEND_PID="" STOPPING=0
+
+alive() { [[ -n "$1" ]] && kill -0 "$1" 2>/dev/null; }
+
+stop_all() {
+  # Each child leads its own process group (started under `set -m`): the group gets the signal.
+  local pid waited=0
+  for pid in "$FRONTEND_PID" "$TRITON_PID"; do
+    alive "$pid" && kill -TERM -- "-$pid" 2>/dev/null || true
+  done
+  # launch_triton.py lets tritonserver drain (--exit-timeout 30 s) and kills it 10 s later at most.
+  while { alive "$FRONTEND_PID" || alive "$TRITON_PID"; } && ((waited < 600)); do
+    sleep 0.1; waited=$((waited + 1))
+  done
+  for pid in "$FRONTEND_PID" "$TRITON_PID"; do
+    if alive "$pid"; then say "process group $pid did not stop in time: killing it"; kill -KILL -- "-$pid" 2>/dev/null || true; fi
+  done
+  wait 2>/dev/null || true
+}
+
+# shellcheck disable=SC2329  # called by the traps below
+on_signal() {
+  ((STOPPING)) && return 0
+  STOPPING=1
+  trap '' INT TERM
+  say "$1: stopping the frontend and tritonserver"
+  stop_all
+  say "stopped"
+  exit 0
+}
+trap 'on_signal interrupted' INT
+trap 'on_signal terminated' TERM
+trap '((STOPPING)) || { STOPPING=1; stop_all; }' EXIT
+
+if command -v curl >/dev/null 2>&1; then
+  http_ok() { curl --noproxy '*' -fs -o /dev/null --max-time 2 "$1" 2>/dev/null; }
+else
+  http_ok() {
+    "$PY" -c 'import sys, urllib.request as u; u.build_opener(u.ProxyHandler({})).open(sys.argv[1], timeout=2)' \
+      "$1" >/dev/null 2>&1
+  }
+fi
+
+wait_until_ready() {  # name, pid, timeout seconds, url... : 0 when all URLs answer 2xx, 1 when pid died or timeout
+  local name="$1" pid="$2" timeout="$3" start="$SECONDS" url
+  shift 3
+  for url in "$@"; do
+    until http_ok "$url"; do
+      alive "$pid" || return 1
+      if ((SECONDS - start > timeout)); then say "$name not ready after ${timeout} s ($url)"; return 1; fi
+      sleep 1
+    done
+  done
+}
+
+LOG_DIR="${MINICPMV_SERVE_LOG_DIR:-$ROOT/.cache/serve}"
+mkdir -p "$LOG_DIR"
+TRITON_LOG="$LOG_DIR/tritonserver-$HTTP_PORT.log"
+MODELS=()
+for kind in "${KINDS[@]}"; do MODELS+=("$(model_name "$kind")"); done
+MODELS_CSV="$(IFS=,; echo "${MODELS[*]}")"
+triton_args=(
+  --models "$MODELS_CSV" --device "$DEVICE" --address "$HOST"
+  --http-port "$HTTP_PORT" --grpc-port "$GRPC_PORT" --metrics-port "$METRICS_PORT"
+  --ready-timeout "$READY_TIMEOUT" --log-file "$TRITON_LOG" --quiet
+)
+[[ -n "${CKPT_PATH[full]:-}" ]] && triton_args+=(--checkpoint-full "${CKPT_PATH[full]}")
+[[ -n "${CKPT_PATH[int4]:-}" ]] && triton_args+=(--checkpoint-int4 "${CKPT_PATH[int4]}")
+# The tiny checkpoints are float32 models on the CPU.
+((DEMO)) && export MINICPMV_DTYPE=float32
+
+say "starting tritonserver with ${MODELS_CSV} (device ${DEVICE}; log ${TRITON_LOG})"
+set -m  # job control: each background child gets its own process group, which Ctrl-C does not reach
+"$PY" "$ROOT/scripts/launch_triton.py" "${triton_args[@]}" </dev/null >&2 &
+TRITON_PID=$!
+set +m
+say "waiting for the models to load (up to ${READY_TIMEOUT} s)"
+triton_urls=("http://$LOCAL_HOST:$HTTP_PORT/v2/health/ready")
+for name in "${MODELS[@]}"; do triton_urls+=("http://$LOCAL_HOST:$HTTP_PORT/v2/models/$name/ready"); done
+if ! wait_until_ready tritonserver "$TRITON_PID" "$((READY_TIMEOUT + 30))" "${triton_urls[@]}"; then
+  fail "tritonserver did not start (messages above; full log: $TRITON_LOG)"
+fi
+
+say "starting the OpenAI frontend on $HOST:$PORT"
+set -m
+(cd "$ROOT" && exec "$PY" -m openai_frontend --host "$HOST" --port "$PORT" \
+  --triton-grpc-url "$LOCAL_HOST:$GRPC_PORT" --triton-http-url "$LOCAL_HOST:$HTTP_PORT") </dev/null &
+FRONTEND_PID=$!
+set +m
+if ! wait_until_ready "the frontend" "$FRONTEND_PID" 120 "http://$LOCAL_HOST:$PORT/health/ready"; then
+  fail "the OpenAI frontend did not start (messages above)"
+fi
+
+first="${MODELS[0]}"
+cat >&2 <<EOF
+
+MiniCPM-V 2.6 is being served: ${MODELS_CSV} (device ${DEVICE}$( ((DEMO)) && echo ", tiny demo weights"))
+  OpenAI API       http://$LOCAL_HOST:$PORT/v1        (listening on $HOST:$PORT)
+  Triton HTTP      http://$LOCAL_HOST:$HTTP_PORT
+  Triton gRPC      $LOCAL_HOST:$GRPC_PORT
+  Triton metrics   http://$LOCAL_HOST:$METRICS_PORT/metrics
+  tritonserver log $TRITON_LOG
+
+Try:
+  curl http://$LOCAL_HOST:$PORT/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{"model": "$first", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32}'
+
+Press Ctrl-C to stop.
+EOF
+
+# Runs until a signal (the traps exit) or until one of the two ends on its own. (Not `wait -n`: it misses a
+# child that ended before it was called.)
+while alive "$TRITON_PID" && alive "$FRONTEND_PID"; do sleep 1; done
+if alive "$TRITON_PID"; then who="the OpenAI frontend" pid="$FRONTEND_PID"; else who=tritonserver pid="$TRITON_PID"; fi
+status=0
+wait "$pid" 2>/dev/null || status=$?
+STOPPING=1
+trap '' INT TERM
+say "$who exited (status $status); stopping the rest"
+stop_all
+say "stopped"
+exit 1
