@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"frontend_overhead_{args.device_label}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [f"Frontend overhead, {report['date']}, {report['hardware'].get('cpu', '?')}, model {args.model}, "
+    lines = [f"Frontend overhead, {report['date']}, {report['hardware']['cpu_model']}, model {args.model}, "
              f"{args.requests} requests per path, 1 output token", "",
              "| workload | frontend p50 (ms) | direct p50 (ms) | overhead p50 (ms) | frontend p90 | direct p90 |",
              "|---|---|---|---|---|---|"]  # fmt: skip
