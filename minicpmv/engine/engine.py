@@ -353,8 +353,8 @@ class Engine:
     def _process(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Sample one token per sequence, emit deltas, retire the finished."""
         finished = set()
-        for row, seq in enumerate(seqs):
-            token, logprob = self.logits_processor.choose(seq, logits[row])
+        choices = self.logits_processor.choose_all(seqs, logits)
+        for seq, (token, logprob) in zip(seqs, choices, strict=True):
             delta = self._advance(seq, token, logprob)
             seq.request.emit(delta)
             if seq.finish_reason is not None:

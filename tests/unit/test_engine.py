@@ -254,3 +254,14 @@ def test_concurrent_submitters_all_finish(engine):
         t.join(60)
     assert sorted(r.completion_tokens for r in results.values()) == [8, 9, 10, 11, 12, 13]
     wait_for(lambda: engine.num_running == 0)
+
+
+def test_batched_greedy_choice_matches_the_row_by_row_path(engine):
+    """Plain greedy rows take one batched argmax; asking for logprobs forces the row-by-row path."""
+    prompts = ["Total amount due?", "Who signed?", "Read the first line.", "Summarise."]
+    plain = dict(temperature=0, repetition_penalty=1.0, max_tokens=10, ignore_eos=True)
+    batched = [engine.submit(request(p, **plain)) for p in prompts]
+    rowwise = [engine.submit(request(p, logprobs=True, **plain)) for p in prompts]
+    for a, b in zip(batched, rowwise, strict=True):
+        first, second = a.result().choices[0], b.result().choices[0]
+        assert first.token_ids == second.token_ids and len(first.token_ids) == 10
