@@ -3,6 +3,7 @@ curl example, the example script and the evaluation script against it, then Ctrl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -47,7 +48,10 @@ def demo(tmp_path_factory):
         ["./scripts/serve.sh", "--demo", "--host", "127.0.0.1", "--port", str(ports["port"]),
          "--triton-http-port", str(ports["http"]), "--triton-grpc-port", str(ports["grpc"]),
          "--triton-metrics-port", str(ports["metrics"])],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        # As in a terminal: SIGINT at its default even when this test run inherited it ignored (a run started
+        # in the background, e.g. `nohup ... &`); a shell cannot trap a signal ignored on entry.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     base = f"http://127.0.0.1:{ports['port']}"
     deadline = time.monotonic() + 400
     while True:
@@ -64,6 +68,9 @@ def demo(tmp_path_factory):
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+    for pid in session_processes(process.pid):  # whatever a failed test left running
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_serve_prints_where_it_listens(demo):
