@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request, Response
 
 from openai_frontend.convert import to_generate_request
 from openai_frontend.dependencies import ChatDep, RegistryDep, SettingsDep
-from openai_frontend.errors import ErrorResponse
+from openai_frontend.errors import APIError, ErrorResponse
 from openai_frontend.schemas import ChatCompletion, ChatCompletionRequest
 from openai_frontend.serving import ClientDisconnected
 
@@ -34,8 +34,12 @@ _ERRORS = {
 )
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, settings: SettingsDep,
                                  registry: RegistryDep, chat: ChatDep):  # fmt: skip
-    model = await registry.resolve(body.model)
-    generate = await to_generate_request(body, settings, request.app.state.http)
+    try:
+        model = await registry.resolve(body.model)
+        generate = await to_generate_request(body, settings, request.app.state.http)
+    except APIError as e:  # counted here; failures after this point are counted by the chat service
+        request.app.state.metrics.requests.labels(body.model, str(e.status)).inc()
+        raise
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     try:
         result = await chat.complete(request, model, body.model, generate, include_usage)

@@ -261,6 +261,9 @@ def test_metrics_count_requests_tokens_and_latency(frontend, client):
         client.chat.completions.create(model="minicpm_v_2_6", messages=HI, max_tokens=40000)
     assert metric(url, "minicpmv_frontend_requests_total", model="minicpm_v_2_6", status="200") == before + 1
     assert metric(url, "minicpmv_frontend_requests_total", model="minicpm_v_2_6", status="400") >= 1
+    with contextlib.suppress(openai.NotFoundError):
+        client.chat.completions.create(model="no-such-model", messages=HI)
+    assert metric(url, "minicpmv_frontend_requests_total", model="no-such-model", status="404") == 1
     assert metric(url, "minicpmv_frontend_completion_tokens_total", model="minicpm_v_2_6") == tokens + 3
     assert metric(url, "minicpmv_frontend_time_to_first_token_seconds_count", model="minicpm_v_2_6") >= 1
     assert metric(url, "minicpmv_frontend_request_duration_seconds_count", model="minicpm_v_2_6") >= 1
