@@ -293,7 +293,8 @@ class Endpoint:
 @contextlib.contextmanager
 def our_stack(args: argparse.Namespace, checkpoint: str, workdir: Path) -> Iterator[Endpoint]:
     """tritonserver (only ``args.model``) + ``python -m openai_frontend`` on free ports."""
-    from minicpmv_triton.launcher import TritonServer, free_port
+    from minicpmv_triton.launcher import TritonServer
+    from openai_frontend.launcher import FrontendProcess
 
     env = {f"MINICPMV_CHECKPOINT_{args.model.upper()}": checkpoint, "MINICPMV_DTYPE": args.dtype}
     extra = []
@@ -306,16 +307,11 @@ def our_stack(args: argparse.Namespace, checkpoint: str, workdir: Path) -> Itera
     try:
         triton.start()
         triton.wait_ready(timeout=args.startup_timeout)
-        port = free_port()
-        cmd = [sys.executable, "-m", "openai_frontend", "--host", "127.0.0.1", "--port", str(port), "--models",
-               args.model, "--triton-grpc-url", triton.grpc_url, "--triton-http-url", triton.http_url,
-               "--log-level", "warning"]  # fmt: skip
-        frontend = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-        base_url = f"http://127.0.0.1:{port}"
-        wait_ready(base_url + "/health/ready", frontend, 120, "the frontend")
-        yield Endpoint("ours", base_url, triton.process.pid if triton.process else None, frontend.pid)
+        frontend = FrontendProcess(triton.grpc_url, triton.http_url, models=args.model).start(ready=True, timeout=120)
+        yield Endpoint("ours", frontend.base_url, triton.process.pid if triton.process else None, frontend.process.pid)
     finally:
-        stop_process(frontend)
+        if frontend is not None:
+            frontend.stop()
         triton.stop()
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -59,11 +60,14 @@ async def to_generate_request(request: ChatCompletionRequest, settings: Settings
     )
 
 
+@dataclass
 class _Source:
     """Where one image part's pixels come from: an image URL, or a PDF (several pages)."""
 
-    def __init__(self, url: str, param: str, pdf_pages: str | None = None, is_pdf: bool = False):
-        self.url, self.param, self.pdf_pages, self.is_pdf = url, param, pdf_pages, is_pdf
+    url: str
+    param: str
+    pdf_pages: str | None = None
+    is_pdf: bool = False
 
 
 def _messages(request: ChatCompletionRequest) -> tuple[list[dict[str, Any]], list[_Source], list[str]]:
