@@ -336,87 +336,6 @@ def baseline_stack(args: argparse.Namespace, checkpoint: str, workdir: Path) -> 
             stop_process(process)
 
 
-# ---------------------------------------------------------------- checkpoints
-
-
-def write_random_checkpoint(out: Path, config: dict[str, Any], *, int4: bool = False, device: str = "cpu",
-                            shard_bytes: int = 4 << 30) -> Path:  # fmt: skip
-    """A random-weight checkpoint of any size of the true architecture (``config``), in the original layout.
-
-    For timings without a download: ``full_config()`` gives the real size (8.1 B parameters, ~16 GB of bf16 on
-    disk). The tokenizer is the tiny one; as in the tiny checkpoints, only its ~1,000 ids have non-zero
-    embedding and lm_head rows, so generated tokens decode to text. ``int4`` quantizes to nf4 while loading
-    on ``device`` (as ``write_tiny_checkpoint`` does) and saves the result pre-quantized, like the -int4 repo.
-    """
-    import math
-
-    import torch
-    from safetensors.torch import save_file
-
-    from minicpmv.config import MiniCPMVConfig, QuantizationConfig
-    from minicpmv.devtools.reference_config import GENERATION_CONFIG, PREPROCESSOR_CONFIG
-    from minicpmv.devtools.tiny_tokenizer import write_tiny_tokenizer
-    from minicpmv.modeling.minicpmv import MiniCPMV
-    from minicpmv.tokenizer import load_tokenizer
-
-    target = out
-    out = out / "bf16" if int4 else out
-    out.mkdir(parents=True, exist_ok=True)
-    write_tiny_tokenizer(out)
-    live = torch.tensor(sorted(load_tokenizer(out).get_vocab().values()), device=device)
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in MiniCPMV(MiniCPMVConfig.from_dict(config)).state_dict().items()}
-    generator = torch.Generator(device).manual_seed(0)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, shape in shapes.items():
-        if name.endswith("norm.weight") or ".ln_" in name or "layernorm" in name:
-            value = torch.ones(shape, device=device)
-        elif name.endswith("bias"):
-            value = torch.zeros(shape, device=device)
-        elif name.endswith(("embed_tokens.weight", "lm_head.weight")):
-            value = torch.zeros(shape, device=device)
-            value[live] = torch.randn((len(live), shape[1]), generator=generator, device=device) * shape[1] ** -0.5
-        else:
-            std = (math.prod(shape[1:]) if len(shape) > 1 else 1) ** -0.5
-            value = torch.randn(shape, generator=generator, device=device) * std
-        if size and size + value.numel() * 2 > shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = value.to(torch.bfloat16).cpu()
-        size += value.numel() * 2
-    _save_checkpoint(out, config, shards, save_file)
-    (out / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG))
-    (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG))
-    if not int4:
-        return out
-    from minicpmv.loading import load_model
-
-    quantized = load_model(out, device=device, dtype=torch.bfloat16, quantization="nf4")
-    state = {k: v.detach().cpu().clone() for k, v in quantized.state_dict().items()}
-    del quantized
-    config = {**config, "_name_or_path": "openbmb/MiniCPM-V-2_6-int4",
-              "quantization_config": QuantizationConfig().to_dict()}  # fmt: skip
-    _save_checkpoint(target, config, [state], save_file)
-    for path in out.iterdir():  # tokenizer and processor files move over; the bf16 weights are dropped
-        if path.name == "config.json" or path.name.startswith("model"):
-            path.unlink()
-        else:
-            path.rename(target / path.name)
-    out.rmdir()
-    return target
-
-
-def _save_checkpoint(out: Path, config: dict[str, Any], shards: list[dict], save_file) -> None:
-    weight_map = {}
-    for k, shard in enumerate(shards, start=1):
-        filename = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        save_file({name: t.contiguous() for name, t in shard.items()}, str(out / filename), metadata={"format": "pt"})
-        weight_map |= dict.fromkeys(shard, filename)
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-
-
 # ---------------------------------------------------------------- the run
 
 
@@ -655,6 +574,7 @@ def main(argv: list[str] | None = None) -> int:
         if checkpoint is None and needs_checkpoint:
             int4 = args.model.endswith("_int4")
             if args.full_size_random:
+                from minicpmv.devtools.random_weights import write_random_checkpoint
                 from minicpmv.devtools.reference_config import full_config
 
                 print("writing a full-size random checkpoint (takes a few minutes) ...", flush=True)
