@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9100)
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)")
-    parser.add_argument("--dtype", default="auto", help="model dtype (default: auto = bf16 on GPU, float32 on CPU)")
+    parser.add_argument("--dtype", default="auto", help="model dtype (default: auto = the checkpoint's own, bf16)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args(argv)

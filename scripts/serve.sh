@@ -112,7 +112,8 @@ case "$HOST" in 0.0.0.0|::|"[::]") LOCAL_HOST=127.0.0.1 ;; *) LOCAL_HOST="$HOST"
 
 if ((!DEMO)) && { [[ "$DEVICE" == cpu ]] || { [[ "$DEVICE" == auto ]] && ! command -v nvidia-smi >/dev/null 2>&1; }; }; then
   say "warning: no GPU (nvidia-smi not found or --device cpu): the real model on the CPU is very slow and needs"
-  say "         about 32 GB of memory (full) in float32; ./scripts/serve.sh --demo tries the stack with tiny weights"
+  say "         about 17 GB of memory (full, bf16) or 7 GB (int4); ./scripts/serve.sh --demo tries the stack with"
+  say "         tiny weights"
 fi
 
 model_name() { if [[ "$1" == full ]]; then echo minicpm_v_2_6; else echo minicpm_v_2_6_int4; fi; }

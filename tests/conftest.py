@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import gzip
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -42,13 +40,9 @@ def lut() -> np.ndarray:
 @pytest.fixture(scope="session")
 def golden_checkpoint(tmp_path_factory) -> Path:
     """The reference's tiny checkpoint, unpacked next to its config files."""
-    out = tmp_path_factory.mktemp("golden_tiny")
-    for name in ("config.json", "preprocessor_config.json", "generation_config.json"):
-        shutil.copy(GOLDEN / "tiny" / name, out / name)
-    (out / "model.safetensors").write_bytes(
-        gzip.decompress((GOLDEN / "tiny" / "model.safetensors.gz").read_bytes())
-    )
-    return out
+    from minicpmv.devtools.device_checks import unpack_golden_checkpoint
+
+    return unpack_golden_checkpoint(GOLDEN, tmp_path_factory.mktemp("golden_tiny"))
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""config.json of openbmb/MiniCPM-V-2_6 (key order as published) and the tiny variant we test with.
+"""config.json of openbmb/MiniCPM-V-2_6 (key order as published) and the tiny variants we test with.
 
 The real values let us build the full-size architecture on the meta device (parameter
 count checks) or with random weights on a GPU (timings), without any download.
@@ -75,6 +75,14 @@ TINY_VISION_OVERRIDES: dict[str, Any] = {
     "num_hidden_layers": 2,
 }
 
+# Real sizes that kernels can trip over, kept by ``tiny_config(awkward=True)``. The vision MLP's 4304
+# (= 16 * 269) divides neither by 32 nor by 64: bitsandbytes' CPU repacking of 4-bit weights needs
+# out_features % 32 == 0 and in_features % blocksize (64) == 0, so fc1 (1152 -> 4304) and fc2
+# (4304 -> 1152) both fail it. Every other quantized linear of the full model has multiples of 64.
+AWKWARD_VISION_OVERRIDES: dict[str, Any] = {
+    "intermediate_size": FULL_CONFIG["vision_config"]["intermediate_size"],
+}
+
 GENERATION_CONFIG: dict[str, Any] = {
     "_from_model_config": True,
     "bos_token_id": 151643,
@@ -112,9 +120,16 @@ def full_config() -> dict[str, Any]:
     return copy.deepcopy(FULL_CONFIG)
 
 
-def tiny_config() -> dict[str, Any]:
+def tiny_config(awkward: bool = False) -> dict[str, Any]:
+    """The tiny config; ``awkward=True`` keeps the real sizes in ``AWKWARD_VISION_OVERRIDES``.
+
+    The awkward variant is still small (the vision MLP is 64 x 4304) and has, per layer, exactly the
+    linears of the full model whose sizes some kernels can't handle (tests/unit/test_loading_cpu.py).
+    """
     cfg = full_config()
     cfg.update(TINY_OVERRIDES)
     cfg["vision_config"].update(TINY_VISION_OVERRIDES)
+    if awkward:
+        cfg["vision_config"].update(AWKWARD_VISION_OVERRIDES)
     cfg["use_image_id"] = True
     return cfg

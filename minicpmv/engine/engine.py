@@ -103,7 +103,10 @@ class Engine:
     @classmethod
     def from_pretrained(cls, checkpoint, *, device="cpu", dtype="auto", quantization=None,
                         attn_implementation="sdpa", config: EngineConfig | None = None) -> Engine:
-        """Load model, tokenizer and image processor from a local checkpoint directory."""
+        """Load model, tokenizer and image processor from a local checkpoint directory.
+
+        The model arguments are ``load_model``'s: dtype "auto" is the checkpoint's own, on the CPU too.
+        """
         from minicpmv.loading import load_model
         from minicpmv.tokenizer import load_tokenizer
 

@@ -6,8 +6,10 @@ The tiny checkpoints (tests/conftest.py) have the real architecture at 2 LLM and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
+import weakref
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -17,9 +19,9 @@ from bitsandbytes.functional import dequantize_4bit
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from minicpmv.config import ConfigError
+from minicpmv.config import ConfigError, MiniCPMVConfig
 from minicpmv.devtools.tiny_checkpoint import write_tiny_checkpoint
-from minicpmv.loading import CheckpointError, load_model
+from minicpmv.loading import CheckpointError, build_model, checkpoint_files, iter_tensors, load_model, parse_dtype
 from minicpmv.modeling.minicpmv import MiniCPMV
 
 UNK_ID = 128244  # the image placeholder token
@@ -120,8 +122,8 @@ def linear4bit_names(model: nn.Module) -> set[str]:
 
 @pytest.fixture(scope="module")
 def full_model(tiny_full) -> MiniCPMV:
-    """dtype "auto", which is float32 on the CPU (checked by test_auto_dtype_on_the_cpu_is_float32)."""
-    return load_model(tiny_full)
+    """float32, as the other models here: the comparisons below are about loading, not bf16 rounding."""
+    return load_model(tiny_full, dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -418,10 +420,71 @@ def test_bfloat16_load_gives_bfloat16_parameters_and_finite_logits(request, chec
     assert torch.isfinite(logits).all()
 
 
-def test_auto_dtype_on_the_cpu_is_float32(full_model, logits_of):
-    """``full_model`` is loaded with the default dtype, "auto"."""
-    assert full_model.dtype == torch.float32
-    assert float_parameter_dtypes(full_model) == {torch.float32}
-    logits = logits_of(full_model, True)
-    assert logits.dtype == torch.float32
-    assert torch.isfinite(logits).all()
+def test_auto_dtype_is_the_checkpoints_own_dtype(tiny_full, tiny_int4):
+    """As transformers' dtype="auto": config.json's torch_dtype (bf16 for MiniCPM-V 2.6), on the CPU too."""
+    for checkpoint in (tiny_full, tiny_int4):
+        config = MiniCPMVConfig.from_pretrained(checkpoint)
+        assert config.torch_dtype == "bfloat16"
+        assert parse_dtype("auto", config) == parse_dtype(None, config) == torch.bfloat16
+    config = MiniCPMVConfig.from_pretrained(tiny_full)
+    assert parse_dtype("auto", dataclasses.replace(config, torch_dtype="float32")) == torch.float32
+    assert parse_dtype("float32", config) == parse_dtype(torch.float32, config) == torch.float32
+    with pytest.raises(ValueError, match="torch_dtype 'float64'"):
+        parse_dtype("auto", dataclasses.replace(config, torch_dtype="float64"))
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_full", "tiny_int4"])
+def test_default_dtype_load_on_the_cpu_is_bfloat16(request, checkpoint):
+    model = load_model(request.getfixturevalue(checkpoint))
+    assert model.device.type == "cpu"
+    assert model.dtype == torch.bfloat16
+    assert float_parameter_dtypes(model) == {torch.bfloat16}
+    with torch.inference_mode():
+        assert torch.isfinite(model(**prompt(with_image=True)).logits).all()
+
+
+# --- build_model -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("checkpoint", "loaded"), [("tiny_full", "full_model"), ("tiny_int4", "int4_model")])
+def test_build_model_from_a_checkpoints_tensors_equals_load_model(request, logits_of, checkpoint, loaded):
+    directory = request.getfixturevalue(checkpoint)
+    model = build_model(
+        MiniCPMVConfig.from_pretrained(directory), iter_tensors(checkpoint_files(directory)), dtype="float32"
+    )
+    assert torch.equal(logits_of(model, True), logits_of(request.getfixturevalue(loaded), True))
+
+
+def test_build_model_quantizing_drops_each_full_weight_once_quantized(tiny_full, nf4_model, logits_of):
+    """A caller may generate full-size weights one by one: with nf4, no full weight outlives its quantization.
+
+    Counted when each tensor is handed over: the full weights of the 4-bit linears handed over so far
+    that are still alive. The new one and the caller's last make at most 2 (all 24 if build_model kept
+    them until the end).
+    """
+    quantized = {f"{name}.weight" for name in expected_quantized_modules()}
+    alive: list[weakref.ref] = []
+    most = 0
+
+    def tensors():
+        nonlocal most
+        for name, tensor in iter_tensors(checkpoint_files(tiny_full)):
+            tensor = tensor.clone()  # the caller's own memory, like a freshly generated weight
+            if name in quantized:
+                alive.append(weakref.ref(tensor))
+                most = max(most, sum(ref() is not None for ref in alive))
+            yield name, tensor
+            del tensor
+
+    model = build_model(MiniCPMVConfig.from_pretrained(tiny_full), tensors(), dtype="float32", quantization="nf4")
+    assert len(alive) == len(quantized) and most <= 2, (len(alive), most)
+    assert torch.equal(logits_of(model, False), logits_of(nf4_model, False))
+
+
+def test_build_model_checks_the_tensors_like_load_model(tiny_full):
+    config = MiniCPMVConfig.from_pretrained(tiny_full)
+    tensors = ((k, t) for k, t in iter_tensors(checkpoint_files(tiny_full)) if k != "vpm.post_layernorm.bias")
+    with pytest.raises(CheckpointError, match=r"missing \['vpm\.post_layernorm\.bias'\]"):
+        build_model(config, tensors)
+    with pytest.raises(CheckpointError, match=r"llm\.model\.norm\.weight: checkpoint shape \(255,\)"):
+        build_model(config, [("llm.model.norm.weight", torch.ones(255))])

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from minicpmv.devtools.device_checks import golden_case_inputs
 from minicpmv.loading import load_model
 from minicpmv.modeling.resampler import sincos_2d
 from minicpmv.modeling.vision import position_ids_for
@@ -28,28 +29,6 @@ def golden_model(golden_checkpoint):
 @pytest.fixture(scope="module")
 def golden_model_sdpa(golden_checkpoint):
     return load_model(golden_checkpoint, dtype="float32", attn_implementation="sdpa")
-
-
-def case_inputs(case: dict, arrays, lut) -> dict:
-    name = case["name"]
-    ids = torch.from_numpy(arrays[f"{name}__input_ids"]).long()
-    batch = ids.shape[0]
-    inputs = {
-        "input_ids": ids,
-        "attention_mask": torch.from_numpy(arrays[f"{name}__attention_mask"]).long(),
-        "image_bounds": [torch.from_numpy(arrays[f"{name}__image_bound_s{b}"]) for b in range(batch)],
-    }
-    if case["pixel_code_keys"]:
-        tgt = arrays[f"{name}__tgt_sizes"]
-        owner = arrays[f"{name}__chunk_sample"]
-        pixels: list[list[torch.Tensor]] = [[] for _ in range(batch)]
-        sizes: list[list] = [[] for _ in range(batch)]
-        for k, key in enumerate(case["pixel_code_keys"]):
-            pixels[owner[k]].append(torch.from_numpy(lut[arrays[key]]))
-            sizes[owner[k]].append(tgt[k])
-        inputs["pixel_values"] = pixels
-        inputs["tgt_sizes"] = [torch.tensor(np.array(s)).reshape(-1, 2) for s in sizes]
-    return inputs
 
 
 def test_position_buckets_match_reference(model_arrays, model_cases):
@@ -72,7 +51,7 @@ def test_sincos_table_matches_reference(model_arrays):
 
 def test_vision_tower_output(golden_model, model_cases, model_arrays, lut):
     case = next(c for c in model_cases["cases"] if c["name"] == "single_small")
-    inputs = case_inputs(case, model_arrays, lut)
+    inputs = golden_case_inputs(case, model_arrays, lut)
     pixels = inputs["pixel_values"][0][0][None]
     with torch.no_grad():
         hidden = golden_model.vpm(pixels, inputs["tgt_sizes"][0])
@@ -84,7 +63,7 @@ def test_vision_tower_output(golden_model, model_cases, model_arrays, lut):
 @pytest.mark.parametrize("name", ["single_small", "two_images", "batch2_left_pad"])
 def test_vision_embeddings(golden_model, model_cases, model_arrays, lut, name):
     case = next(c for c in model_cases["cases"] if c["name"] == name)
-    inputs = case_inputs(case, model_arrays, lut)
+    inputs = golden_case_inputs(case, model_arrays, lut)
     flat = [p for sample in inputs["pixel_values"] for p in sample]
     with torch.no_grad():
         embeds = golden_model.encode_images(flat, torch.from_numpy(model_arrays[f"{name}__tgt_sizes"]))
@@ -94,7 +73,7 @@ def test_vision_embeddings(golden_model, model_cases, model_arrays, lut, name):
 @pytest.mark.parametrize("name", ["text_only", "single_small", "two_images", "batch2_left_pad"])
 def test_logits_and_greedy_ids(golden_model, model_cases, model_arrays, lut, name):
     case = next(c for c in model_cases["cases"] if c["name"] == name)
-    inputs = case_inputs(case, model_arrays, lut)
+    inputs = golden_case_inputs(case, model_arrays, lut)
     with torch.no_grad():
         logits = golden_model(**inputs).logits
     valid = inputs["attention_mask"].bool().numpy()
@@ -121,7 +100,7 @@ def test_logits_and_greedy_ids(golden_model, model_cases, model_arrays, lut, nam
 def test_sdpa_attention_matches_reference(golden_model_sdpa, model_cases, model_arrays, lut, name):
     """What we serve with: SDPA in the LLM and the vision tower gives the same last logits and ids."""
     case = next(c for c in model_cases["cases"] if c["name"] == name)
-    inputs = case_inputs(case, model_arrays, lut)
+    inputs = golden_case_inputs(case, model_arrays, lut)
     with torch.no_grad():
         last = golden_model_sdpa(**inputs, logits_to_keep=1).logits[:, -1]
     np.testing.assert_allclose(last.numpy(), model_arrays[f"{name}__logits_last"], atol=ATOL, rtol=0)
@@ -132,7 +111,7 @@ def test_sdpa_attention_matches_reference(golden_model_sdpa, model_cases, model_
 def test_left_padded_sample_equals_alone(golden_model, model_cases, model_arrays, lut):
     """Sample 0 of batch2_left_pad carries 295 pad tokens; alone it must give the same logits."""
     case = next(c for c in model_cases["cases"] if c["name"] == "batch2_left_pad")
-    inputs = case_inputs(case, model_arrays, lut)
+    inputs = golden_case_inputs(case, model_arrays, lut)
     n_pad = case["samples"][0]["n_pad"]
     assert n_pad > 0
     alone = {
@@ -150,7 +129,7 @@ def test_left_padded_sample_equals_alone(golden_model, model_cases, model_arrays
 
 def test_forward_with_images_is_deterministic_and_images_matter(golden_model, model_cases, model_arrays, lut):
     case = next(c for c in model_cases["cases"] if c["name"] == "single_small")
-    inputs = case_inputs(case, model_arrays, lut)
+    inputs = golden_case_inputs(case, model_arrays, lut)
     with torch.no_grad():
         first = golden_model(**inputs).logits
         second = golden_model(**inputs).logits

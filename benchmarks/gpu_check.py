@@ -1,0 +1,439 @@
+#!/usr/bin/env python3
+"""The GPU check: one command that proves and times MiniCPM-V 2.6 on a GPU, in stages with their own time caps.
+
+    python3 benchmarks/gpu_check.py --out $OUT                    # on the GPU machine (~5 min on one H200)
+    .venv/bin/python benchmarks/gpu_check.py --device cpu --tiny  # smoke run of every stage (test suite, <90 s)
+    .venv/bin/python benchmarks/gpu_check.py --device cpu --full-size --workdir /var/tmp/mcv  # ~15 min, 24 GB
+
+Stages (each a subprocess, killed at its cap; what it measured so far is kept):
+  env          GPU, driver, versions (torch, CUDA, transformers, bitsandbytes, xgrammar), which attention
+               kernels run here (SDPA flash / memory-efficient / cuDNN / math, varlen, FlexAttention).
+  correctness  tiny checkpoints made on the spot: float32 reproduces the original code's golden logits and
+               greedy ids (plain loop and engine loop); bf16 within its stated tolerance; nf4 pre-quantized and
+               quantized on load, generating; the engine alone vs in a batch, and vs the CPU; JSON mode, seeds.
+               These are exactly the checks of tests/gpu (minicpmv/devtools/device_checks.py).
+  full_bf16    the real config with random weights, built directly on the device (no disk, no download):
+  full_nf4     weight memory, output tokens/s at 1, 16 and 64 concurrent sequences, time to first token of
+               a 1344x1344 page (10 slices), peak memory, each throughput against the HBM-bandwidth bound.
+  triton       if tritonserver is installed: the real model repository (KIND_GPU config on a GPU) with the tiny
+               checkpoints, one request per model through the OpenAI frontend.
+With ``--device cpu --full-size`` the stages are env, checkpoints (a full-size bf16 and int4 checkpoint written
+shard by shard into --workdir, reused when present), cpu_bf16 and cpu_nf4 (load from disk, one text and one
+image request, peak RSS). ``--tiny`` runs the default stages at the tiny size: the plumbing, not the figures.
+
+Writes ``<out>/gpu_check.json`` and ``gpu_check.md`` plus one ``stage_<name>.json`` per stage (at most 8 files:
+no more come back from the GPU machine), and prints a summary. Exit status 1 if a check failed or a stage did
+not finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = ROOT / "tests" / "fixtures" / "golden"
+GPU_STAGES = {"env": 90, "correctness": 120, "full_bf16": 120, "full_nf4": 120, "triton": 90}
+CPU_FULL_STAGES = {"env": 60, "checkpoints": 900, "cpu_bf16": 600, "cpu_nf4": 600}
+GIB = 1 << 30
+
+
+# ---------------------------------------------------------------- inside a stage (child process)
+
+
+class Recorder:
+    """A stage's results, rewritten to its JSON file after every step so that a killed stage leaves them."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data: dict[str, Any] = {"results": {}, "failed": []}
+        self.flush()
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.data["results"][key] = value
+        self.flush()
+
+    def step(self, key: str, fn: Callable[[], Any]) -> Any:
+        """Run one step; a failure is recorded under ``key`` (message and traceback tail) and returns None."""
+        started = time.perf_counter()
+        try:
+            value = fn()
+        except Exception as e:  # noqa: BLE001 (every failure is a result to report)
+            self[key] = {"passed": False, "error": f"{type(e).__name__}: {e}",
+                         "traceback": traceback.format_exc()[-2000:]}  # fmt: skip
+            self.data["failed"].append(key)
+            self.flush()
+            print(f"  {key}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+            return None
+        seconds = round(time.perf_counter() - started, 2)
+        self[key] = {"passed": True, "seconds": seconds, **(value if isinstance(value, dict) else {"value": value})}
+        print(f"  {key}: ok ({seconds} s)", flush=True)
+        return value
+
+    def flush(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, default=str) + "\n")
+        tmp.replace(self.path)
+
+
+def _versions() -> dict[str, str | None]:
+    import importlib.metadata as md
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "bitsandbytes", "xgrammar", "triton", "safetensors", "tokenizers",
+                 "nvidia-pytriton", "tritonclient"):  # fmt: skip
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def stage_env(rec: Recorder, args: argparse.Namespace) -> None:
+    import torch
+
+    rec["versions"] = _versions()
+    info: dict[str, Any] = {"torch_cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
+                            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}  # fmt: skip
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info |= {"gpu": props.name, "gpu_memory_gib": round(props.total_memory / GIB, 1),
+                 "compute_capability": f"{props.major}.{props.minor}", "gpu_count": torch.cuda.device_count(),
+                 "cudnn": torch.backends.cudnn.version()}  # fmt: skip
+        try:
+            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                            capture_output=True, text=True, timeout=20).stdout.strip()  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired) as e:
+            info["driver"] = f"unknown ({e})"
+    rec["hardware"] = info
+    from minicpmv.devtools.attention_probe import probe_attention, probe_flex_compiled
+
+    rec["attention"] = probe_attention(args.device)
+    if args.device == "cuda":  # on the CPU compiling needs a C++ toolchain and says nothing about the GPU
+        rec.step("flex_attention_compiled", lambda: probe_flex_compiled(args.device))
+
+
+def _checkpoints(workdir: Path, int4: bool = True) -> tuple[Path, Path, Path | None]:
+    """The golden checkpoint and the tiny full / int4 ones, written once into ``workdir``."""
+    from minicpmv.devtools.device_checks import unpack_golden_checkpoint
+    from minicpmv.devtools.tiny_checkpoint import write_tiny_checkpoint
+
+    golden = unpack_golden_checkpoint(GOLDEN, workdir / "golden")
+    paths: list[Path | None] = []
+    for name, quantized in (("tiny_full", False), ("tiny_int4", True)):
+        path = workdir / name
+        if quantized and not int4:
+            paths.append(None)
+            continue
+        if not (path / "model.safetensors.index.json").exists():
+            write_tiny_checkpoint(path, int4=quantized, seed=0)
+        paths.append(path)
+    return golden, paths[0], paths[1]
+
+
+def stage_correctness(rec: Recorder, args: argparse.Namespace) -> None:
+    from minicpmv.devtools import device_checks as checks
+
+    golden, full, int4 = rec.step("tiny_checkpoints", lambda: _checkpoints(args.workdir)) or (None, None, None)
+    if golden is None:
+        return
+    device = args.device
+    rec.step("golden_float32", lambda: checks.check_golden_float32(GOLDEN, golden, device))
+    rec.step("golden_bfloat16", lambda: checks.check_golden_bfloat16(GOLDEN, golden, device))
+    rec.step("nf4", lambda: checks.check_nf4(full, int4, device))
+    rec.step("engine_batch_and_cpu_parity", lambda: checks.check_engine(full, device))
+    rec.step("json_and_seeds", lambda: checks.check_json_and_seeds(full, device))
+
+
+def _model_config(tiny: bool) -> dict[str, Any]:
+    from minicpmv.devtools.reference_config import full_config, tiny_config
+
+    return tiny_config() if tiny else full_config()
+
+
+def stage_full(rec: Recorder, args: argparse.Namespace, nf4: bool) -> None:
+    import torch
+
+    from minicpmv.devtools import speed
+
+    device = torch.device(args.device)
+    bandwidth = speed.hbm_bandwidth(torch.cuda.get_device_name(0)) if device.type == "cuda" else None
+    bandwidth = args.hbm_tbs * 1e12 if args.hbm_tbs else bandwidth
+    rec["size"] = "tiny" if args.tiny else "full (real config, random weights)"
+    rec["hbm_bytes_per_s"] = bandwidth
+    started = time.perf_counter()
+    engine = speed.random_engine(_model_config(args.tiny), args.device, nf4=nf4, max_num_seqs=max(args.concurrency))
+    try:
+        speed.synchronize(device)
+        rec["build_s"] = round(time.perf_counter() - started, 1)
+        rec["weights_gib"] = round(speed.weight_bytes(engine.model) / GIB, 3)
+        rec["decode_bytes_per_step_gib"] = round(speed.decode_bytes_per_step(engine.model) / GIB, 3)
+        rec["memory_after_build_gib"] = round(speed.peak_memory_bytes(device) / GIB, 2)
+        rec.step("warmup", lambda: speed.measure_decode(engine, 2, 4))
+        speed.reset_peak_memory(device)
+        for level in args.concurrency:
+            rec.step(f"decode_c{level}", lambda level=level: speed.measure_decode(engine, level, args.output_tokens,
+                                                                                   bandwidth))  # fmt: skip
+        rec.step("page_warmup", lambda: speed.measure_page(engine, args.page_size, seed=12))
+        rec.step("page", lambda: speed.measure_page(engine, args.page_size, seed=13))
+        rec["peak_memory_gib"] = round(speed.peak_memory_bytes(device) / GIB, 2)
+    finally:
+        engine.shutdown()
+
+
+def stage_checkpoints(rec: Recorder, args: argparse.Namespace) -> None:
+    from minicpmv.devtools.random_weights import write_random_checkpoint
+
+    for name, int4 in (("bf16", False), ("int4", True)):
+        path = args.workdir / f"full_{name}"
+        if (path / "model.safetensors.index.json").exists():
+            rec[name] = {"path": str(path), "reused": True}
+            continue
+        rec.step(name, lambda path=path, int4=int4: {"path": str(write_random_checkpoint(
+            path, _model_config(False), int4=int4)), "peak_rss_gib": round(_rss_peak() / GIB, 2)})  # fmt: skip
+
+
+def _rss_peak() -> int:
+    from minicpmv.devtools.speed import peak_rss_bytes
+
+    return peak_rss_bytes()
+
+
+def stage_cpu(rec: Recorder, args: argparse.Namespace, name: str) -> None:
+    """Load a full-size checkpoint from disk on the CPU (bf16, or the pre-quantized int4) and run a text and an
+    image request; peak RSS of this process."""
+    import torch
+
+    from minicpmv.devtools import device_checks, speed
+    from minicpmv.engine.engine import Engine
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    path = args.workdir / ("full_bf16" if name == "bf16" else "full_int4")
+    started = time.perf_counter()
+    engine = Engine.from_pretrained(path, device="cpu", dtype="bfloat16")
+    try:
+        rec["load_s"] = round(time.perf_counter() - started, 1)
+        rec["weights_gib"] = round(speed.weight_bytes(engine.model) / GIB, 2)
+        rec["rss_after_load_gib"] = round(_current_rss() / GIB, 2)
+        rec.step("text", lambda: speed.measure_request(engine, "Summarise the letter in three sentences.",
+                                                       output_tokens=args.output_tokens))  # fmt: skip
+        page = device_checks.document_page(21, (448, 448))
+        rec.step("image_448", lambda: speed.measure_request(engine, "What is the total?", [page],
+                                                            output_tokens=args.output_tokens))  # fmt: skip
+        rec["peak_rss_gib"] = round(_rss_peak() / GIB, 2)
+    finally:
+        engine.shutdown()
+
+
+def _current_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def stage_triton(rec: Recorder, args: argparse.Namespace) -> None:
+    import urllib.request
+
+    from minicpmv_triton.launcher import TritonNotFoundError, TritonServer, find_tritonserver
+
+    try:
+        find_tritonserver()
+    except TritonNotFoundError as e:
+        rec["skipped"] = f"tritonserver is not installed here ({e}); carry the nvidia-pytriton wheel to run this"
+        return
+    import importlib.util
+
+    from openai_frontend.launcher import FrontendProcess
+
+    has_bnb = importlib.util.find_spec("bitsandbytes") is not None  # the int4 model needs it
+    _, full, int4 = _checkpoints(args.workdir, int4=has_bnb)
+    env = {"MINICPMV_CHECKPOINT_MINICPM_V_2_6": str(full), "MINICPMV_CHECKPOINT_MINICPM_V_2_6_INT4": str(int4)}
+    extra = [] if args.device == "cuda" else ["--model-config-name=cpu"]
+    rec["config"] = "config.pbtxt (KIND_GPU)" if args.device == "cuda" else "configs/cpu.pbtxt (KIND_CPU)"
+    models = ["minicpm_v_2_6", "minicpm_v_2_6_int4"] if has_bnb else ["minicpm_v_2_6"]
+    rec["models"] = models if has_bnb else f"{models} (bitsandbytes is not installed: no int4 model)"
+    started = time.perf_counter()
+    with TritonServer(ROOT / "model_repository", models=models, extra_env=env, extra_args=extra, exit_timeout=10,
+                      address="127.0.0.1") as triton:  # fmt: skip
+        rec.step("tritonserver_ready", lambda: triton.wait_ready(timeout=args.stage_cap("triton")) or
+                 {"startup_s": round(time.perf_counter() - started, 1)})  # fmt: skip
+        if "tritonserver_ready" in rec.data["failed"]:
+            rec["triton_log_tail"] = triton.log_tail()
+            return
+        with FrontendProcess(triton.grpc_url, triton.http_url) as frontend:
+            for model in models:
+                rec.step(f"chat_{model}", lambda model=model: _chat(frontend.base_url, model, urllib.request))
+        log = triton.log_tail(400)
+        rec["ready_lines"] = [line for line in log.splitlines() if "ready on" in line][-2:]
+
+
+def _chat(base_url: str, model: str, urllib_request) -> dict[str, Any]:
+    import base64
+    import io
+
+    from minicpmv.devtools.device_checks import document_page
+
+    buffer = io.BytesIO()
+    document_page(31).save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    body = {"model": model, "max_tokens": 8, "temperature": 0, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is the total?"}]}]}
+    request = urllib_request.Request(base_url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    started = time.perf_counter()
+    with urllib_request.urlopen(request, timeout=120) as response:
+        answer = json.loads(response.read())
+    if answer["choices"][0]["finish_reason"] not in ("length", "stop") or answer["usage"]["completion_tokens"] < 1:
+        raise RuntimeError(f"unexpected answer: {answer}")
+    return {"latency_ms": round(1000 * (time.perf_counter() - started), 1), "usage": answer["usage"],
+            "finish_reason": answer["choices"][0]["finish_reason"]}  # fmt: skip
+
+
+def run_stage(args: argparse.Namespace) -> int:
+    rec = Recorder(args.out / f"stage_{args.stage}.json")
+    print(f"[{args.stage}]", flush=True)
+    try:
+        if args.stage == "env":
+            stage_env(rec, args)
+        elif args.stage == "correctness":
+            stage_correctness(rec, args)
+        elif args.stage in ("full_bf16", "full_nf4"):
+            stage_full(rec, args, nf4=args.stage == "full_nf4")
+        elif args.stage == "checkpoints":
+            stage_checkpoints(rec, args)
+        elif args.stage in ("cpu_bf16", "cpu_nf4"):
+            stage_cpu(rec, args, args.stage.removeprefix("cpu_"))
+        elif args.stage == "triton":
+            stage_triton(rec, args)
+        else:
+            raise ValueError(f"unknown stage {args.stage}")
+    except Exception as e:  # noqa: BLE001 (reported in the stage's file)
+        rec.data["error"] = f"{type(e).__name__}: {e}"
+        rec.data["traceback"] = traceback.format_exc()[-3000:]
+        rec.flush()
+        print(traceback.format_exc(), file=sys.stderr, flush=True)
+        return 1
+    return 1 if rec.data["failed"] else 0
+
+
+# ---------------------------------------------------------------- the orchestrator (parent process)
+
+
+def stage_caps(args: argparse.Namespace) -> dict[str, int]:
+    caps = dict(CPU_FULL_STAGES if args.full_size else GPU_STAGES)
+    for item in args.cap:
+        name, _, seconds = item.partition("=")
+        caps[name] = int(seconds)
+    return {name: caps[name] for name in args.stages}
+
+
+def run_all(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    caps = stage_caps(args)
+    summary: dict[str, Any] = {
+        "check": "gpu_check",
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["benchmarks/gpu_check.py", *sys.argv[1:]]),
+        "mode": {"device": args.device, "size": "tiny" if args.tiny else "full", "budget_s": args.budget_s},
+        "stages": {},
+    }
+    for name, cap in caps.items():
+        left = args.budget_s - (time.monotonic() - started)
+        if left < 5:
+            summary["stages"][name] = {"status": "not_run", "reason": "the overall budget was spent"}
+            continue
+        timeout = min(cap, left)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--stage", name, *args.child_args]
+        stage_started = time.monotonic()
+        try:
+            code = subprocess.run(cmd, cwd=ROOT, timeout=timeout).returncode
+            status = "ok" if code == 0 else "failed"
+        except subprocess.TimeoutExpired:
+            status = f"timed_out after {timeout:.0f} s"
+        path = args.out / f"stage_{name}.json"
+        data = json.loads(path.read_text()) if path.exists() else {"results": {}, "failed": []}
+        if status == "ok" and "skipped" in data["results"]:
+            status = "skipped"
+        summary["stages"][name] = {"status": status, "seconds": round(time.monotonic() - stage_started, 1),
+                                   "cap_s": round(timeout), **data}  # fmt: skip
+        print(f"stage {name}: {status} ({summary['stages'][name]['seconds']} s)", flush=True)
+    summary["runtime_s"] = round(time.monotonic() - started, 1)
+    env = summary["stages"].get("env", {}).get("results", {})
+    summary["hardware"] = env.get("hardware", {})
+    summary["versions"] = env.get("versions", {})
+    (args.out / "gpu_check.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    from gpu_check_report import render_markdown  # the sibling script (its folder is sys.path[0])
+
+    text = render_markdown(summary)
+    (args.out / "gpu_check.md").write_text(text)
+    print("\n" + text)
+    bad = [n for n, s in summary["stages"].items() if s["status"] not in ("ok", "skipped")]
+    return 1 if bad else 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    add = parser.add_argument
+    add("--device", choices=("cuda", "cpu"), default="cuda")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--tiny", action="store_true", help="tiny sizes: the plumbing of every stage, quickly")
+    size.add_argument("--full-size", action="store_true", help="with --device cpu: full-size load + requests")
+    add("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu_check")
+    add("--workdir", type=Path, default=None, help="checkpoints go here (default: a temporary folder)")
+    add("--stages", default=None, help="comma-separated subset of the stages, in order")
+    add("--budget-s", type=float, default=450.0, help="all stages together (default 450 s, under 8 minutes)")
+    add("--cap", action="append", default=[], metavar="STAGE=SECONDS", help="override one stage's time cap")
+    add("--concurrency", default=None, help="decode levels (default 1,16,64; tiny 1,4)")
+    add("--output-tokens", type=int, default=None, help="output tokens per request (default 128; tiny 8)")
+    add("--page-size", type=int, default=1344)
+    add("--hbm-tbs", type=float, default=None, help="memory bandwidth in TB/s (default: by GPU name)")
+    add("--stage", default=None, help=argparse.SUPPRESS)  # internal: run one stage in this process
+    args = parser.parse_args(argv)
+    if args.full_size and args.device != "cpu":
+        parser.error("--full-size is the CPU mode; on a GPU the full size is the default")
+    all_stages = CPU_FULL_STAGES if args.full_size else GPU_STAGES
+    args.stages = args.stages.split(",") if args.stages else list(all_stages)
+    unknown = [s for s in args.stages if s not in all_stages]
+    if unknown:
+        parser.error(f"unknown stage(s) {unknown}; choose from {list(all_stages)}")
+    args.concurrency = [int(c) for c in (args.concurrency or ("1,4" if args.tiny else "1,16,64")).split(",")]
+    args.output_tokens = args.output_tokens or (8 if args.tiny else 128 if not args.full_size else 4)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.device == "cuda" and args.stage is None:
+        import torch  # only to fail fast with a clear message
+
+        if not torch.cuda.is_available():
+            print("gpu_check: torch sees no CUDA device (use --device cpu for the CPU modes)", file=sys.stderr)
+            return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.stage is not None:
+        args.workdir = Path(args.workdir)
+        args.stage_cap = lambda name: stage_caps(args).get(name, 60)
+        return run_stage(args)
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
+        workdir = args.workdir or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        args.child_args = [a for a in (argv if argv is not None else sys.argv[1:])]
+        args.child_args += ["--workdir", str(workdir), "--out", str(args.out)]
+        return run_all(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

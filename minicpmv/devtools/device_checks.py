@@ -1,0 +1,413 @@
+"""Correctness checks that run on any device: the golden reference, bf16, nf4, the engine, JSON mode, seeds.
+
+Each ``check_*`` function loads what it needs on ``device`` ("cuda" or "cpu"), compares with a float32 CPU
+reference or with the ORIGINAL code's golden outputs, raises :class:`CheckFailed` with the numbers when
+something is off, and returns the numbers it measured. ``tests/gpu/`` calls them on CUDA and
+``benchmarks/gpu_check.py`` runs the same functions (on CUDA on a GPU machine, on the CPU in its smoke mode in
+the test suite), so the GPU check and the GPU tests can never drift apart.
+
+Every check also proves that the work ran on ``device``: parameters, KV cache and the vision tower's
+inputs are looked at, so a code path that silently falls back to the CPU fails.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+# The original code's float32 noise on the golden data is about 4e-5 (tests/fixtures/golden/README.md).
+GOLDEN_ATOL = 2e-4
+GOLDEN_STOP_IDS = (151645, 151643)
+# bf16 keeps 8 significant bits, so each rounded activation carries up to 2^-9 = 0.2% relative error; through the
+# tiny golden model (bf16 weights are exact, so only activations round) the last logits move by 2.1-2.8%
+# (relative L2) against the original float32 outputs on the CPU (measured 2026-12-05, all four cases). The bound
+# is 3x that, for other kernels' summation orders (cuBLAS, flash / memory-efficient SDPA), and still far below
+# what a real bug does: a transposed sin-cos table or an unloaded norm moves the outputs by 30-60%.
+BF16_REL_TOL = 0.08
+# nf4 rounds every LLM weight by ~9% (relative L2); on the random tiny model that moves the logits by 0.3-0.5
+# (relative L2) against float32, while an unrelated model of the same architecture is at ~1.4.
+NF4_REL_TOL = 0.7
+# The same quantized weights on two devices differ only in kernel summation order.
+NF4_SAME_WEIGHTS_TOL = 0.05
+
+
+class CheckFailed(AssertionError):
+    """A device check found a wrong number; the message carries the measured values."""
+
+
+def require(ok: bool, message: str) -> None:
+    if not ok:
+        raise CheckFailed(message)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    return float((a - b).norm() / b.norm())
+
+
+@contextmanager
+def exact_float32():
+    """TF32 off for the duration (cuDNN convolutions default to TF32 on Ampere+, which breaks 2e-4)."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+def require_on_device(model: torch.nn.Module, device: str | torch.device) -> None:
+    """Every parameter and buffer of ``model`` lives on ``device``'s type."""
+    kind = torch.device(device).type
+    elsewhere = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type != kind]
+    require(not elsewhere, f"{len(elsewhere)} tensors are not on {kind}: {elsewhere[:5]}")
+
+
+@contextmanager
+def record_vision_devices(model):
+    """Yields a list that receives the device type of every vision-tower input while the block runs."""
+    seen: list[str] = []
+    handle = model.vpm.register_forward_pre_hook(lambda _m, args: seen.append(args[0].device.type))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def document_page(seed: int = 0, size: tuple[int, int] = (700, 500)) -> Image.Image:
+    """A synthetic page with lines of text and numbers (different per seed)."""
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    lines = max(4, size[1] // 40)
+    for line in range(lines):
+        draw.text((20, 20 + (size[1] - 40) * line // lines), f"Line {line} total {seed * 31 + line}", fill="black")
+    draw.rectangle((size[0] // 2, size[1] // 3, size[0] - 30, size[1] // 2), outline="black", width=3)
+    return image
+
+
+# ---------------------------------------------------------------- golden data
+
+
+def unpack_golden_checkpoint(golden_dir: Path, out: Path) -> Path:
+    """The original code's tiny checkpoint (stored gzipped in the golden folder), unpacked into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "preprocessor_config.json", "generation_config.json"):
+        shutil.copy(golden_dir / "tiny" / name, out / name)
+    target = out / "model.safetensors"
+    if not target.exists():
+        target.write_bytes(gzip.decompress((golden_dir / "tiny" / "model.safetensors.gz").read_bytes()))
+    return out
+
+
+def golden_case_inputs(case: dict, arrays, lut) -> dict[str, Any]:
+    """The stored model inputs of one golden case: ids, mask, image bounds and (if any) pixels per sample."""
+    name = case["name"]
+    ids = torch.from_numpy(arrays[f"{name}__input_ids"]).long()
+    batch = ids.shape[0]
+    inputs: dict[str, Any] = {
+        "input_ids": ids,
+        "attention_mask": torch.from_numpy(arrays[f"{name}__attention_mask"]).long(),
+        "image_bounds": [torch.from_numpy(arrays[f"{name}__image_bound_s{b}"]) for b in range(batch)],
+    }
+    if case["pixel_code_keys"]:
+        tgt = arrays[f"{name}__tgt_sizes"]
+        owner = arrays[f"{name}__chunk_sample"]
+        pixels: list[list[torch.Tensor]] = [[] for _ in range(batch)]
+        sizes: list[list] = [[] for _ in range(batch)]
+        for k, key in enumerate(case["pixel_code_keys"]):
+            pixels[owner[k]].append(torch.from_numpy(lut[arrays[key]]))
+            sizes[owner[k]].append(tgt[k])
+        inputs["pixel_values"] = pixels
+        inputs["tgt_sizes"] = [torch.tensor(np.array(s)).reshape(-1, 2) for s in sizes]
+    return inputs
+
+
+def load_golden(golden_dir: Path) -> tuple[list[dict], Any, np.ndarray]:
+    cases = json.loads((golden_dir / "model_cases.json").read_text())["cases"]
+    arrays = np.load(golden_dir / "model_cases.npz")
+    lut = np.load(golden_dir / "processor_arrays.npz")["lut"]
+    return cases, arrays, lut
+
+
+def runner_greedy(model, inputs: dict[str, Any], max_new_tokens: int, stop_ids=GOLDEN_STOP_IDS) -> list[list[int]]:
+    """Greedy decoding through the ENGINE's layer loop (ModelRunner and its KV cache), per sample."""
+    from minicpmv.engine.model_runner import ModelRunner
+
+    runner = ModelRunner(model)
+    device = model.device
+    results = []
+    for b in range(inputs["input_ids"].shape[0]):
+        valid = inputs["attention_mask"][b].bool()
+        ids = inputs["input_ids"][b][valid][None].to(device)
+        pad = int((~valid).sum())
+        embeds_in = None
+        if "pixel_values" in inputs and inputs["pixel_values"][b]:
+            embeds_in = [model.encode_images(inputs["pixel_values"][b], inputs["tgt_sizes"][b])]
+        bounds = [inputs["image_bounds"][b].reshape(-1, 2) - pad]
+        with torch.inference_mode():
+            embeds = model.embed(ids, embeds_in, bounds if embeds_in is not None else None)
+            logits, cache = runner.prefill(embeds, torch.ones(ids.shape, dtype=torch.bool, device=device))
+            require(cache.keys[0].device.type == device.type, f"the KV cache is on {cache.keys[0].device}")
+            out: list[int] = []
+            position = ids.shape[1]
+            for _ in range(max_new_tokens):
+                token = int(logits.argmax(-1)[0])
+                out.append(token)
+                if token in stop_ids:
+                    break
+                logits = runner.decode(torch.tensor([token]), torch.tensor([position]), cache)
+                position += 1
+        results.append(out)
+    return results
+
+
+def _to(inputs: dict[str, Any], device) -> dict[str, Any]:
+    moved = dict(inputs, input_ids=inputs["input_ids"].to(device), attention_mask=inputs["attention_mask"].to(device))
+    if "pixel_values" in inputs:
+        moved["pixel_values"] = [[p.to(device) for p in sample] for sample in inputs["pixel_values"]]
+    return moved
+
+
+# ---------------------------------------------------------------- the checks
+
+
+def check_golden_float32(golden_dir: Path, checkpoint: Path, device: str) -> dict[str, Any]:
+    """float32 on ``device`` reproduces the original code: last logits within GOLDEN_ATOL and greedy ids
+    exactly, through the plain loop (``generate_greedy``) and through the engine's layer loop, every case."""
+    from minicpmv.loading import load_model
+
+    cases, arrays, lut = load_golden(golden_dir)
+    with exact_float32():
+        model = load_model(checkpoint, device=device, dtype="float32")
+        require_on_device(model, device)
+        worst, checked = 0.0, []
+        for case in cases:
+            name = case["name"]
+            inputs = golden_case_inputs(case, arrays, lut)
+            with torch.inference_mode(), record_vision_devices(model) as seen:
+                last = model(**_to(inputs, device), logits_to_keep=1).logits[:, -1].float().cpu()
+            require(not inputs.get("pixel_values") or set(seen) == {torch.device(device).type},
+                    f"{name}: the vision tower ran on {seen}")  # fmt: skip
+            diff = float((last - torch.from_numpy(arrays[f"{name}__logits_last"])).abs().max())
+            worst = max(worst, diff)
+            require(diff <= GOLDEN_ATOL, f"{name}: last logits differ from the original code's by {diff:.2e}")
+            expected = arrays[f"{name}__generated_ids"].tolist()
+            plain = model.generate_greedy(max_new_tokens=16, stop_token_ids=GOLDEN_STOP_IDS, **_to(inputs, device))
+            require(plain == expected, f"{name}: generate_greedy gave {plain}, the original code {expected}")
+            engine_ids = runner_greedy(model, inputs, 16)
+            require(engine_ids == expected, f"{name}: the engine's layer loop gave {engine_ids}, expected {expected}")
+            checked.append(name)
+    return {"cases": checked, "max_abs_logit_diff": worst, "tolerance": GOLDEN_ATOL}
+
+
+def check_golden_bfloat16(golden_dir: Path, checkpoint: Path, device: str) -> dict[str, Any]:
+    """bf16 on ``device`` stays within BF16_REL_TOL (relative L2 of the last logits) of the original float32
+    outputs, for every golden case, text and images."""
+    from minicpmv.loading import load_model
+
+    cases, arrays, lut = load_golden(golden_dir)
+    model = load_model(checkpoint, device=device, dtype="bfloat16")
+    require_on_device(model, device)
+    require(model.dtype == torch.bfloat16, f"the model is {model.dtype}")
+    errors = {}
+    for case in cases:
+        name = case["name"]
+        inputs = golden_case_inputs(case, arrays, lut)
+        with torch.inference_mode():
+            last = model(**_to(inputs, device), logits_to_keep=1).logits[:, -1].float().cpu()
+        errors[name] = _rel(last, torch.from_numpy(arrays[f"{name}__logits_last"]))
+        require(errors[name] <= BF16_REL_TOL, f"{name}: bf16 logits off by {errors[name]:.4f} (relative L2)")
+    return {"relative_l2_by_case": errors, "tolerance": BF16_REL_TOL}
+
+
+def _prompt_logits(model, tokenizer, image_processor, with_image: bool) -> torch.Tensor:
+    """Last-position logits of a fixed chat prompt (with or without a page), float32 on the CPU."""
+    from minicpmv.chat import format_chat
+    from minicpmv.processing import MiniCPMVProcessor
+
+    images = [document_page(3)] if with_image else []
+    content = [{"type": "image"}] * len(images) + [{"type": "text", "text": "What is the total?"}]
+    chat = format_chat([{"role": "user", "content": content}], tokenizer, images)
+    inputs = MiniCPMVProcessor(image_processor, tokenizer)([chat.prompt], [chat.images])
+    device = model.device
+    extra = {}
+    if with_image:
+        extra = {"pixel_values": [[p.to(device) for p in inputs.pixel_values[0]]], "tgt_sizes": inputs.tgt_sizes}
+    with torch.inference_mode():
+        out = model(inputs.input_ids.to(device), attention_mask=inputs.attention_mask.to(device),
+                    image_bounds=inputs.image_bounds, logits_to_keep=1, **extra)  # fmt: skip
+    return out.logits[:, -1].float().cpu()
+
+
+def check_nf4(full_checkpoint: Path, int4_checkpoint: Path, device: str) -> dict[str, Any]:
+    """nf4 on ``device``, from the pre-quantized checkpoint and quantized on load from the full one: both near
+    the float32 CPU model (text and image prompts), near each other, 4-bit weights on the device, and the
+    pre-quantized model generates through the engine with an image."""
+    import bitsandbytes as bnb
+
+    from minicpmv.engine.engine import Engine
+    from minicpmv.image_processing import ImageProcessor
+    from minicpmv.loading import load_model
+    from minicpmv.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(full_checkpoint)
+    processor = ImageProcessor.from_pretrained(full_checkpoint)
+    reference = load_model(full_checkpoint, device="cpu", dtype="float32")
+    expected = {image: _prompt_logits(reference, tokenizer, processor, image) for image in (False, True)}
+    del reference
+    result: dict[str, Any] = {"tolerance": NF4_REL_TOL}
+    logits = {}
+    for label, path, quantization in (("prequantized", int4_checkpoint, None), ("quantize_on_load", full_checkpoint,
+                                                                                "nf4")):  # fmt: skip
+        model = load_model(path, device=device, quantization=quantization)
+        require_on_device(model, device)
+        four_bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        require(len(four_bit) > 0, f"{label}: no 4-bit linear in the model")
+        require(all(m.weight.quant_state is not None and m.weight.device.type == torch.device(device).type
+                    for m in four_bit), f"{label}: 4-bit weights not quantized on {device}")  # fmt: skip
+        for image in (False, True):
+            with record_vision_devices(model) as seen:
+                logits[label, image] = _prompt_logits(model, tokenizer, processor, image)
+            require(not image or set(seen) == {torch.device(device).type}, f"{label}: vision ran on {seen}")
+            error = _rel(logits[label, image], expected[image])
+            result[f"{label}_{'image' if image else 'text'}_rel_l2"] = error
+            require(error <= NF4_REL_TOL, f"{label} ({'image' if image else 'text'}): nf4 logits off by {error:.3f}")
+        if label == "prequantized":
+            engine = Engine(model, tokenizer, processor)
+            try:
+                out = engine.generate(_request("nf4", images=[document_page(4)], max_tokens=8, ignore_eos=True,
+                                               temperature=0))  # fmt: skip
+            finally:
+                engine.shutdown()
+            require(out.completion_tokens == 8 and out.choices[0].finish_reason == "length",
+                    f"nf4 engine generation: {out}")  # fmt: skip
+            result["generated_ids"] = out.choices[0].token_ids
+        del model
+    for image in (False, True):
+        between = _rel(logits["prequantized", image], logits["quantize_on_load", image])
+        result[f"prequantized_vs_on_load_{'image' if image else 'text'}_rel_l2"] = between
+        require(between <= NF4_SAME_WEIGHTS_TOL, f"pre-quantized vs quantized on load differ by {between:.4f}")
+    return result
+
+
+_request_ids = iter(range(10**9))
+
+
+def _request(text: str, images=(), *, response_format=None, **sampling):
+    from minicpmv.engine.request import GenerationRequest
+    from minicpmv.engine.sampling import SamplingParams
+
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+    return GenerationRequest(f"check-{next(_request_ids)}", messages=[{"role": "user", "content": content}],
+                             images=list(images), sampling=SamplingParams(response_format=response_format,
+                                                                          **sampling))  # fmt: skip
+
+
+def _first_divergence_is_a_tie(ours, theirs, tie: float = 1e-3) -> tuple[bool, int | None]:
+    """Two greedy runs agree, or first differ where the other run's top two logprobs are within ``tie``."""
+    for step, (a, b) in enumerate(zip(ours.token_ids, theirs.token_ids, strict=False)):
+        if a != b:
+            top = theirs.logprobs[step].top
+            scores = {token: logprob for token, _, logprob in top}
+            return (a in scores and abs(scores[a] - scores[b]) <= tie), step
+    return len(ours.token_ids) == len(theirs.token_ids), None
+
+
+def check_engine(checkpoint: Path, device: str) -> dict[str, Any]:
+    """The engine in float32 on ``device``: a request with a page gives the same greedy ids alone and inside a
+    batch of four submitted together, its KV cache and vision tower are on the device, and the ids equal the
+    float32 CPU engine's (a difference only where the CPU's top two candidates tie within 1e-3)."""
+    from minicpmv.engine.engine import Engine, EngineConfig
+
+    def make(target: str) -> Engine:
+        return Engine.from_pretrained(checkpoint, device=target, dtype="float32", config=EngineConfig(max_num_seqs=8))
+
+    def probe():
+        return _request("Who signed the form?", images=[document_page(1)], max_tokens=16, ignore_eos=True,
+                        temperature=0, logprobs=True, top_logprobs=2)  # fmt: skip
+
+    with exact_float32():
+        engine = make(device)
+        try:
+            require(engine.runner.device.type == torch.device(device).type, f"runner on {engine.runner.device}")
+            require_on_device(engine.model, device)
+            with record_vision_devices(engine.model) as seen:
+                alone = engine.generate(probe()).choices[0]
+            require(set(seen) == {torch.device(device).type}, f"the vision tower ran on {seen}")
+            others = [engine.submit(_request(text, images=images, max_tokens=24, ignore_eos=True, temperature=0))
+                      for text, images in (("Read every line.", []), ("Summarise.", [document_page(2)]),
+                                           ("List the totals.", [document_page(5, (900, 300))]))]  # fmt: skip
+            batched = engine.submit(probe())
+            cache_device = engine._cache.keys[0].device.type if engine._cache is not None else device
+            in_batch = batched.result().choices[0]
+            for handle in others:
+                handle.result()
+        finally:
+            engine.shutdown()
+        require(torch.device(cache_device).type == torch.device(device).type, f"KV cache on {cache_device}")
+        require(in_batch.token_ids == alone.token_ids,
+                f"greedy ids alone {alone.token_ids} != in a batch {in_batch.token_ids}")  # fmt: skip
+        if torch.device(device).type == "cpu":
+            return {"greedy_ids": alone.token_ids, "batch_parity": True, "compared_with_cpu": "is the CPU"}
+        cpu = make("cpu")
+        try:
+            on_cpu = cpu.generate(probe()).choices[0]
+        finally:
+            cpu.shutdown()
+    agrees, step = _first_divergence_is_a_tie(alone, on_cpu)
+    require(agrees, f"{device} ids {alone.token_ids} != CPU ids {on_cpu.token_ids} (first at step {step}, no tie)")
+    return {"greedy_ids": alone.token_ids, "batch_parity": True, "cpu_ids": on_cpu.token_ids,
+            "first_difference_with_cpu": step}  # fmt: skip
+
+
+ANSWER_SCHEMA = {
+    "type": "json_schema",
+    "json_schema": {"name": "answer", "strict": True, "schema": {
+        "type": "object", "additionalProperties": False, "required": ["answer", "page"],
+        "properties": {"answer": {"type": "string", "enum": ["yes", "no", "unclear"]},
+                       "page": {"type": "integer", "enum": [1, 2, 3]}}}},
+}  # fmt: skip
+
+
+def check_json_and_seeds(checkpoint: Path, device: str) -> dict[str, Any]:
+    """JSON-schema decoding on ``device`` gives output that parses and follows the schema; a seed reproduces
+    the same sampled ids alone and inside a batch; another seed gives other ids."""
+    from minicpmv.engine.engine import Engine
+
+    engine = Engine.from_pretrained(checkpoint, device=device, dtype="float32")
+    try:
+        require(engine.runner.device.type == torch.device(device).type, f"runner on {engine.runner.device}")
+        answer = engine.generate(_request("Is the invoice paid?", images=[document_page(6)], max_tokens=256,
+                                          response_format=ANSWER_SCHEMA, temperature=0))  # fmt: skip
+        text = answer.choices[0].text
+        try:
+            value = json.loads(text)
+        except ValueError as e:
+            raise CheckFailed(f"JSON-schema output does not parse: {text!r}") from e
+        require(value.get("answer") in ("yes", "no", "unclear") and value.get("page") in (1, 2, 3),
+                f"JSON-schema output breaks the schema: {value}")  # fmt: skip
+
+        def sampled(seed: int):
+            return _request("Write a story.", max_tokens=24, ignore_eos=True, temperature=1.0, top_p=0.95,
+                            seed=seed)  # fmt: skip
+
+        first = engine.generate(sampled(7)).choices[0].token_ids
+        noise = [engine.submit(_request(f"Other {k}", max_tokens=30, ignore_eos=True, temperature=1.0, seed=k))
+                 for k in range(3)]  # fmt: skip
+        again = engine.submit(sampled(7)).result().choices[0].token_ids
+        for handle in noise:
+            handle.result()
+        other = engine.generate(sampled(8)).choices[0].token_ids
+    finally:
+        engine.shutdown()
+    require(first == again, f"seed 7 gave {first} alone and {again} in a batch")
+    require(first != other, "seeds 7 and 8 gave the same sampled ids")
+    return {"json": value, "seeded_ids": first}

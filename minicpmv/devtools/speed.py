@@ -1,0 +1,236 @@
+"""Speed and memory of the engine on a device, as the GPU check (benchmarks/gpu_check.py) reports them.
+
+Everything is measured at engine level (no Triton, no HTTP): weight memory, output tokens/s at a given number
+of concurrent sequences with fixed output lengths, time to first token and prefill of one document page, peak
+memory, and each throughput set against the memory-bandwidth bound of a decode step (every LLM weight byte is
+read once per step, so ``bound tokens/s = sequences * bandwidth / bytes per step``; KV reads are left out,
+which makes the bound slightly optimistic).
+"""
+
+from __future__ import annotations
+
+import resource
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minicpmv.devtools.device_checks import document_page
+
+# Peak HBM bandwidth by the vendors' datasheets (bytes/s), matched against torch.cuda.get_device_name().
+HBM_BYTES_PER_S = {"H200": 4.8e12, "H100 NVL": 3.9e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100": 2.0e12,
+                   "L40S": 0.864e12, "L4": 0.3e12}  # fmt: skip
+
+TOPICS = ("invoice totals", "shipping dates", "tax lines", "signatures", "addresses", "payment terms",
+          "order numbers", "discounts")  # fmt: skip
+
+
+def hbm_bandwidth(device_name: str) -> float | None:
+    """Datasheet bandwidth of the named GPU, or None when unknown (longest matching key wins)."""
+    for key in sorted(HBM_BYTES_PER_S, key=len, reverse=True):
+        if key in device_name:
+            return HBM_BYTES_PER_S[key]
+    return None
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _module_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    """Parameters, buffers and bitsandbytes quantization state (absmax, nested absmax, code) of ``module``."""
+    seen: dict[int, torch.Tensor] = {}
+    for t in [*module.parameters(), *module.buffers()]:
+        seen[id(t)] = t
+        state = getattr(t, "quant_state", None)
+        while state is not None:
+            for extra in (state.absmax, state.code):
+                if isinstance(extra, torch.Tensor):
+                    seen[id(extra)] = extra
+            state = getattr(state, "state2", None)
+    return list(seen.values())
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes held by the model's weights (4-bit weights at their packed size, with their statistics)."""
+    return tensor_bytes(_module_tensors(model))
+
+
+def decode_bytes_per_step(model) -> int:
+    """Weight bytes one decode step reads: the whole LLM except the embedding table (a step gathers only
+    the batch's rows of it). The vision tower and the resampler don't run during decode."""
+    llm = model.llm
+    embedding = set(map(id, _module_tensors(llm.model.embed_tokens)))
+    return tensor_bytes(t for t in _module_tensors(llm) if id(t) not in embedding)
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated GPU memory since the last reset, or this process's peak RSS on the CPU."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
+
+
+def random_engine(config: dict[str, Any], device: str, *, nf4: bool, max_num_seqs: int = 64, seed: int = 0):
+    """An Engine over a random-weight model of ``config`` built directly on ``device`` (no checkpoint on disk),
+    bf16, or nf4 quantized while building; with the tiny tokenizer (its ids have non-zero embeddings)."""
+    from minicpmv.config import MiniCPMVConfig
+    from minicpmv.devtools.random_weights import random_tensors
+    from minicpmv.devtools.reference_config import PREPROCESSOR_CONFIG
+    from minicpmv.devtools.tiny_tokenizer import write_tiny_tokenizer
+    from minicpmv.engine.engine import Engine, EngineConfig
+    from minicpmv.image_processing import ImageProcessor, PreprocessorConfig
+    from minicpmv.loading import build_model
+    from minicpmv.tokenizer import load_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tiny_tokenizer(Path(tmp))
+        tokenizer = load_tokenizer(tmp)
+    live = torch.tensor(sorted(tokenizer.get_vocab().values()))
+    tensors = random_tensors(config, device=device, seed=seed, live_ids=live)
+    model = build_model(MiniCPMVConfig.from_dict(config), tensors, device=device, dtype="bfloat16",
+                        quantization="nf4" if nf4 else None)  # fmt: skip
+    processor = ImageProcessor(PreprocessorConfig.from_dict(PREPROCESSOR_CONFIG))
+    engine_config = EngineConfig(max_num_seqs=max_num_seqs, max_total_tokens=max(131072, max_num_seqs * 4096))
+    return Engine(model, tokenizer, processor, engine_config)
+
+
+def _request(text: str, images=(), **sampling):
+    from minicpmv.engine.request import GenerationRequest
+    from minicpmv.engine.sampling import SamplingParams
+
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+    return GenerationRequest(f"speed-{time.monotonic_ns()}-{threading.get_ident()}-{text[:16]}",
+                             messages=[{"role": "user", "content": content}], images=list(images),
+                             sampling=SamplingParams(**sampling))  # fmt: skip
+
+
+def _consume(handle) -> tuple[list[float], Any]:
+    """Arrival times of a request's deltas, and its deltas' totals (prompt and completion tokens)."""
+    stamps, last = [], None
+    for delta in handle:
+        stamps.append(time.perf_counter())
+        last = delta
+    return stamps, last
+
+
+def measure_decode(engine, concurrency: int, output_tokens: int, bandwidth: float | None = None) -> dict[str, Any]:
+    """``concurrency`` greedy text requests submitted together, each decoding exactly ``output_tokens``.
+
+    Returns output tokens/s end to end (submit to last token) and in the decode phase (from the moment every
+    request has its first token to the end: steps with all sequences running), the decode step time, and, given
+    ``bandwidth`` (bytes/s), the bandwidth-bound tokens/s and the percentage of it reached.
+    """
+    device = engine.runner.device
+    requests = [_request(f"Request {k}: summarise the {TOPICS[k % len(TOPICS)]} of the attached letter.",
+                         temperature=0, max_tokens=output_tokens, ignore_eos=True, repetition_penalty=1.0)
+                for k in range(concurrency)]  # fmt: skip
+    outcomes: list[tuple[list[float], Any]] = [([], None)] * concurrency
+
+    def consume(k: int, handle) -> None:
+        outcomes[k] = _consume(handle)
+
+    synchronize(device)
+    start = time.perf_counter()
+    handles = [engine.submit(r) for r in requests]
+    threads = [threading.Thread(target=consume, args=(k, h)) for k, h in enumerate(handles)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    end = time.perf_counter()
+    tokens = sum(len(stamps) for stamps, _ in outcomes)
+    if tokens != concurrency * output_tokens or any(last.finish_reason != "length" for _, last in outcomes):
+        raise RuntimeError(f"expected {concurrency} x {output_tokens} output tokens, got {tokens}")
+    all_started = max(stamps[0] for stamps, _ in outcomes)
+    decode_s = end - all_started
+    decode_tok_s = concurrency * (output_tokens - 1) / decode_s if output_tokens > 1 and decode_s > 0 else None
+    row: dict[str, Any] = {
+        "concurrency": concurrency,
+        "output_tokens": output_tokens,
+        "prompt_tokens": outcomes[0][1].prompt_tokens,
+        "e2e_tok_s": round(tokens / (end - start), 1),
+        "decode_tok_s": round(decode_tok_s, 1) if decode_tok_s else None,
+        "decode_step_ms": round(1000 * decode_s / (output_tokens - 1), 2) if output_tokens > 1 else None,
+        "ttft_max_ms": round(1000 * (all_started - start), 1),
+    }
+    if bandwidth and decode_tok_s:
+        bound = concurrency * bandwidth / decode_bytes_per_step(engine.model)
+        row["bandwidth_bound_tok_s"] = round(bound, 1)
+        row["percent_of_bound"] = round(100 * decode_tok_s / bound, 1)
+    return row
+
+
+def measure_page(engine, size: int = 1344, seed: int = 11, max_slice_nums: int | None = None) -> dict[str, Any]:
+    """One document page of ``size`` x ``size`` (never seen before: ``seed`` draws it, so the vision cache
+    misses) at the default slicing: time to first token through the engine (preprocessing, vision encoding,
+    prefill, first sample), then the parts timed directly: preprocessing, the vision tower + resampler over
+    every slice, and the LLM prefill of a prompt of the same length."""
+    device = engine.runner.device
+    page = document_page(seed, (size, size))
+    request = _request("What is the total amount due?", images=[page], temperature=0, max_tokens=1)
+    request.max_slice_nums = max_slice_nums
+    synchronize(device)
+    start = time.perf_counter()
+    stamps, last = _consume(engine.submit(request))
+    ttft = stamps[0] - start
+
+    t0 = time.perf_counter()
+    processed = engine.processor.image_processor.preprocess(page, max_slice_nums)
+    preprocess_s = time.perf_counter() - t0
+    pixels = [torch.from_numpy(c) for c in processed.chunks]
+    sizes = torch.as_tensor(processed.tgt_sizes).reshape(-1, 2)
+    with torch.inference_mode():
+        synchronize(device)
+        t0 = time.perf_counter()
+        embeds = engine.model.encode_images(pixels, sizes)
+        synchronize(device)
+        vision_s = time.perf_counter() - t0
+        prompt = last.prompt_tokens
+        hidden = torch.zeros(1, prompt, engine.model.config.hidden_size, dtype=engine.model.dtype, device=device)
+        flat = embeds.reshape(-1, embeds.shape[-1])[:prompt]
+        hidden[0, : flat.shape[0]] = flat
+        valid = torch.ones(1, prompt, dtype=torch.bool, device=device)
+        synchronize(device)
+        t0 = time.perf_counter()
+        engine.runner.prefill(hidden, valid)
+        synchronize(device)
+        prefill_s = time.perf_counter() - t0
+    return {
+        "image": f"{size}x{size}",
+        "slices": processed.num_chunks,
+        "prompt_tokens": prompt,
+        "ttft_ms": round(1000 * ttft, 1),
+        "preprocess_ms": round(1000 * preprocess_s, 1),
+        "vision_ms": round(1000 * vision_s, 1),
+        "llm_prefill_ms": round(1000 * prefill_s, 1),
+    }
+
+
+def measure_request(engine, text: str, images=(), output_tokens: int = 4) -> dict[str, Any]:
+    """One request alone: time to first token and seconds per output token after it (CPU full-size mode)."""
+    start = time.perf_counter()
+    stamps, last = _consume(engine.submit(_request(text, images, temperature=0, max_tokens=output_tokens,
+                                                   ignore_eos=True)))  # fmt: skip
+    per_token = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else None
+    return {
+        "prompt_tokens": last.prompt_tokens,
+        "output_tokens": last.completion_tokens,
+        "ttft_s": round(stamps[0] - start, 2),
+        "s_per_token": round(per_token, 3) if per_token else None,
+    }
