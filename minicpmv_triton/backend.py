@@ -176,23 +176,43 @@ class TritonPythonModel:
 
 
 class _Metrics:
-    """Custom metrics on Triton's metrics port. The families must outlive their metrics: keep both."""
+    """Custom metrics on Triton's metrics port. The families must outlive their metrics: keep both.
+
+    Counters mirror the engine's running totals (``Engine.stats``): each publish adds what grew since the last.
+    The prefix-cache hit rate is ``minicpmv_prefix_cache_hits_total / minicpmv_prefix_cache_queries_total``
+    (prompt tokens found / looked up), as vLLM reports it.
+    """
+
+    GAUGE, COUNTER = pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER
+    FAMILIES = (
+        ("minicpmv_generated_tokens_total", "Tokens generated", COUNTER, None),
+        ("minicpmv_running_sequences", "Sequences in the running batch", GAUGE, "running"),
+        ("minicpmv_waiting_requests", "Requests waiting for admission", GAUGE, "waiting"),
+        ("minicpmv_decode_steps_total", "Steps run by the engine", COUNTER, "steps"),
+        ("minicpmv_kv_cache_usage_ratio", "Fraction of the KV cache blocks in use", GAUGE, "kv_usage"),
+        ("minicpmv_kv_cache_blocks", "KV cache blocks allocated at start-up", GAUGE, "kv_blocks_total"),
+        ("minicpmv_prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache", COUNTER,
+         "prefix_cache_queries"),
+        ("minicpmv_prefix_cache_hits_total", "Prompt tokens found in the prefix cache", COUNTER,
+         "prefix_cache_hits"),
+        ("minicpmv_preemptions_total", "Sequences preempted (recomputed later) for lack of KV blocks", COUNTER,
+         "preemptions"),
+    )  # fmt: skip
 
     def __init__(self, model_name: str):
         labels = {"model": model_name}
-        families = (
-            ("minicpmv_generated_tokens_total", "Tokens generated", pb_utils.MetricFamily.COUNTER),
-            ("minicpmv_running_sequences", "Sequences in the running batch", pb_utils.MetricFamily.GAUGE),
-            ("minicpmv_waiting_requests", "Requests waiting for admission", pb_utils.MetricFamily.GAUGE),
-            ("minicpmv_decode_steps_total", "Decode steps run by the engine", pb_utils.MetricFamily.COUNTER),
-        )
-        self.families = [pb_utils.MetricFamily(name=n, description=d, kind=k) for n, d, k in families]
-        self.tokens, self.running, self.waiting, self.steps = (f.Metric(labels=labels) for f in self.families)
-        self._steps_seen = 0
+        self.families = [pb_utils.MetricFamily(name=n, description=d, kind=k) for n, d, k, _ in self.FAMILIES]
+        self.metrics = [f.Metric(labels=labels) for f in self.families]
+        self.tokens = self.metrics[0]
+        self._seen: dict[str, float] = {}
 
     def publish(self, engine) -> None:
-        self.running.set(engine.num_running)
-        self.waiting.set(engine.num_waiting)
-        steps = engine.num_steps
-        self.steps.increment(steps - self._steps_seen)
-        self._steps_seen = steps
+        stats = dict(engine.stats(), running=engine.num_running, waiting=engine.num_waiting)
+        for (_, _, kind, key), metric in zip(self.FAMILIES, self.metrics, strict=True):
+            if key is None:
+                continue
+            if kind == self.GAUGE:
+                metric.set(stats[key])
+            else:
+                metric.increment(stats[key] - self._seen.get(key, 0))
+                self._seen[key] = stats[key]

@@ -9,12 +9,32 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from minicpmv.engine.engine import EngineConfig
 
-_INT_FIELDS = ("max_num_seqs", "max_total_tokens", "max_prefill_tokens", "max_waiting", "vision_cache_size")
+# Engine parameters are EngineConfig's fields, typed by its annotations: one definition, no copy here.
+_ENGINE_FIELDS = {f.name: str(f.type) for f in fields(EngineConfig)}
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def _convert(name: str, key: str, annotation: str, text: str) -> Any:
+    """``text`` as the type ``annotation`` names (int, float, bool, str; "| None" allows empty)."""
+    kind = annotation.split("|")[0].strip()
+    try:
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            return float(text)
+    except ValueError:
+        raise ValueError(f"{name}: parameter '{key}' must be {'an integer' if kind == 'int' else 'a number'}, "
+                         f"got {text!r}") from None  # fmt: skip
+    if kind == "bool":
+        if text.lower() not in _TRUE + _FALSE:
+            raise ValueError(f"{name}: parameter '{key}' must be true or false, got {text!r}")
+        return text.lower() in _TRUE
+    return text
 
 
 @dataclass(frozen=True)
@@ -24,14 +44,7 @@ class ModelParameters:
     device: str = "cpu"
     dtype: str = "auto"
     quantization: str | None = None
-    # Engine limits: EngineConfig's defaults, so the two can't drift apart.
-    max_num_seqs: int = EngineConfig.max_num_seqs
-    max_total_tokens: int = EngineConfig.max_total_tokens
-    max_prefill_tokens: int = EngineConfig.max_prefill_tokens
-    max_waiting: int = EngineConfig.max_waiting
-    vision_cache_size: int = EngineConfig.vision_cache_size
-    default_max_slice_nums: int | None = EngineConfig.default_max_slice_nums
-    max_model_len: int | None = None
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     @classmethod
     def from_model_config(cls, model_config: dict[str, Any], args: dict[str, str], environ=None) -> ModelParameters:
@@ -47,15 +60,12 @@ class ModelParameters:
                 f"{name}: set parameter 'checkpoint' in config.pbtxt (a Hub id or a directory) or {env_name}"
             )
         values: dict[str, Any] = {}
+        engine: dict[str, Any] = {}
         for key, text in raw.items():
             text = text.strip()
-            if key in _INT_FIELDS or key in ("default_max_slice_nums", "max_model_len"):
-                if not text:
-                    continue
-                try:
-                    values[key] = int(text)
-                except ValueError:
-                    raise ValueError(f"{name}: parameter '{key}' must be an integer, got {text!r}") from None
+            if key in _ENGINE_FIELDS:
+                if text:  # empty: EngineConfig's default
+                    engine[key] = _convert(name, key, _ENGINE_FIELDS[key], text)
             elif key in ("device", "dtype", "quantization"):
                 values[key] = text or None
             else:
@@ -68,15 +78,17 @@ class ModelParameters:
         if values.get("quantization") not in (None, "nf4"):
             raise ValueError(f"{name}: parameter 'quantization' must be empty or 'nf4'")
         for key, low, high in (("default_max_slice_nums", 1, 36), ("vision_cache_size", 0, 100_000)):
-            if key in values and not low <= values[key] <= high:
-                raise ValueError(f"{name}: parameter '{key}' must be between {low} and {high}, got {values[key]}")
-        params = cls(model_name=name, checkpoint=checkpoint, **values)
-        params.engine_config()  # validates the limits
-        return params
+            if key in engine and not low <= engine[key] <= high:
+                raise ValueError(f"{name}: parameter '{key}' must be between {low} and {high}, got {engine[key]}")
+        try:
+            config = EngineConfig(**engine)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+        return cls(model_name=name, checkpoint=checkpoint, engine=config, **values)
 
     def describe(self) -> str:
         quant = f", quantization {self.quantization}" if self.quantization else ""
-        return f"{self.checkpoint} on {self.device} ({self.dtype}{quant}, max_num_seqs {self.max_num_seqs})"
+        return f"{self.checkpoint} on {self.device} ({self.dtype}{quant}, max_num_seqs {self.engine.max_num_seqs})"
 
     def checkpoint_dir(self):
         from minicpmv.weights import resolve_checkpoint
@@ -84,15 +96,7 @@ class ModelParameters:
         return resolve_checkpoint(self.checkpoint)
 
     def engine_config(self) -> EngineConfig:
-        return EngineConfig(
-            max_num_seqs=self.max_num_seqs,
-            max_total_tokens=self.max_total_tokens,
-            max_prefill_tokens=self.max_prefill_tokens,
-            max_waiting=self.max_waiting,
-            max_model_len=self.max_model_len,
-            vision_cache_size=self.vision_cache_size,
-            default_max_slice_nums=self.default_max_slice_nums,
-        )
+        return self.engine
 
 
 def _resolve_device(device: str, args: dict[str, str]) -> str:

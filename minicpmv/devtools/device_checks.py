@@ -137,36 +137,54 @@ def load_golden(golden_dir: Path) -> tuple[list[dict], Any, np.ndarray]:
     return cases, arrays, lut
 
 
-def runner_greedy(model, inputs: dict[str, Any], max_new_tokens: int, stop_ids=GOLDEN_STOP_IDS) -> list[list[int]]:
-    """Greedy decoding through the ENGINE's layer loop (ModelRunner and its KV cache), per sample."""
-    from minicpmv.engine.model_runner import ModelRunner
+def golden_request_states(engine, case_name: str, inputs: dict[str, Any], max_new_tokens: int) -> list:
+    """The golden case's samples as prepared engine requests (their stored ids, bounds and pixels, no chat
+    template or tokenizer: the golden checkpoint has none), greedy, stopping at the original stop ids."""
+    from minicpmv.engine.detokenizer import IncrementalDetokenizer
+    from minicpmv.engine.request import GenerationRequest, ImageInput, RequestState, Sequence
+    from minicpmv.engine.sampling import SamplingParams
+    from minicpmv.image_processing import ProcessedImage
 
-    runner = ModelRunner(model)
-    device = model.device
-    results = []
+    states = []
     for b in range(inputs["input_ids"].shape[0]):
         valid = inputs["attention_mask"][b].bool()
-        ids = inputs["input_ids"][b][valid][None].to(device)
+        ids = inputs["input_ids"][b][valid].tolist()
         pad = int((~valid).sum())
-        embeds_in = None
+        bounds = [(int(s) - pad, int(e) - pad) for s, e in inputs["image_bounds"][b].reshape(-1, 2).tolist()]
+        images = []
         if "pixel_values" in inputs and inputs["pixel_values"][b]:
-            embeds_in = [model.encode_images(inputs["pixel_values"][b], inputs["tgt_sizes"][b])]
-        bounds = [inputs["image_bounds"][b].reshape(-1, 2) - pad]
-        with torch.inference_mode():
-            embeds = model.embed(ids, embeds_in, bounds if embeds_in is not None else None)
-            logits, cache = runner.prefill(embeds, torch.ones(ids.shape, dtype=torch.bool, device=device))
-            require(cache.keys[0].device.type == device.type, f"the KV cache is on {cache.keys[0].device}")
-            out: list[int] = []
-            position = ids.shape[1]
-            for _ in range(max_new_tokens):
-                token = int(logits.argmax(-1)[0])
-                out.append(token)
-                if token in stop_ids:
-                    break
-                logits = runner.decode(torch.tensor([token]), torch.tensor([position]), cache)
-                position += 1
-        results.append(out)
-    return results
+            sizes = torch.as_tensor(inputs["tgt_sizes"][b]).reshape(-1, 2)
+            with torch.inference_mode():
+                embeds = engine.model.encode_images(inputs["pixel_values"][b], sizes)
+            layout = ProcessedImage([], sizes.numpy(), None, (0, 0), None, (0, 0))
+            images = [ImageInput(f"golden:{case_name}:{b}", layout, embeds)]
+        params = SamplingParams(temperature=0, max_tokens=max_new_tokens, stop_token_ids=list(GOLDEN_STOP_IDS),
+                                repetition_penalty=1.0)  # fmt: skip
+        request = GenerationRequest(f"golden-{case_name}-{b}-{next(_request_ids)}", prompt="", sampling=params)
+        state = RequestState(request, ids, bounds, images, max_new_tokens, None)
+        state.content_spans = engine._content_spans(images, bounds)
+        engine._vision_ready(state)
+        state.sequences.append(Sequence(request=state, index=0, prompt_ids=ids, generator=None,
+                                        detokenizer=IncrementalDetokenizer(_NoTokenizer(), ids, [])))  # fmt: skip
+        states.append(state)
+    return states
+
+
+class _NoTokenizer:
+    """The golden checkpoint has no tokenizer: output text is not needed, only ids."""
+
+    def decode(self, ids, **_):
+        return ""
+
+    def convert_ids_to_tokens(self, ids):
+        return [""] * len(ids)
+
+
+def engine_greedy(engine, case_name: str, inputs: dict[str, Any], max_new_tokens: int) -> list[list[int]]:
+    """Greedy ids of every sample of a golden case through the ENGINE (scheduler, KV pool, packed steps),
+    all samples submitted together."""
+    handles = [engine.enqueue(state) for state in golden_request_states(engine, case_name, inputs, max_new_tokens)]
+    return [handle.result().choices[0].token_ids for handle in handles]
 
 
 def _to(inputs: dict[str, Any], device) -> dict[str, Any]:
@@ -179,32 +197,62 @@ def _to(inputs: dict[str, Any], device) -> dict[str, Any]:
 # ---------------------------------------------------------------- the checks
 
 
+def golden_engine(model):
+    """An engine over the golden checkpoint's model. That checkpoint has no tokenizer: the tiny one serves
+    the engine's plumbing, and every id stays allowed (the golden vocabulary is not the tiny tokenizer's)."""
+    import tempfile
+
+    from minicpmv.devtools.reference_config import PREPROCESSOR_CONFIG
+    from minicpmv.devtools.tiny_tokenizer import write_tiny_tokenizer
+    from minicpmv.engine.engine import Engine, EngineConfig
+    from minicpmv.image_processing import ImageProcessor, PreprocessorConfig
+    from minicpmv.tokenizer import load_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tiny_tokenizer(Path(tmp))
+        tokenizer = load_tokenizer(tmp)
+    processor = ImageProcessor(PreprocessorConfig.from_dict(PREPROCESSOR_CONFIG))
+    engine = Engine(model, tokenizer, processor, EngineConfig(kv_cache_memory_mb=64, max_num_batched_tokens=128))
+    engine.logits_processor.invalid_bias.zero_()
+    return engine
+
+
 def check_golden_float32(golden_dir: Path, checkpoint: Path, device: str) -> dict[str, Any]:
     """float32 on ``device`` reproduces the original code: last logits within GOLDEN_ATOL and greedy ids
-    exactly, through the plain loop (``generate_greedy``) and through the engine's layer loop, every case."""
+    exactly, through the plain loop (``generate_greedy``) and through the engine (paged KV, chunked prefill,
+    the samples of a case batched together), every case; each case twice through the engine, the second
+    time from the prefix cache."""
     from minicpmv.loading import load_model
 
     cases, arrays, lut = load_golden(golden_dir)
     with exact_float32():
         model = load_model(checkpoint, device=device, dtype="float32")
         require_on_device(model, device)
+        engine = golden_engine(model)
         worst, checked = 0.0, []
-        for case in cases:
-            name = case["name"]
-            inputs = golden_case_inputs(case, arrays, lut)
-            with torch.inference_mode(), record_vision_devices(model) as seen:
-                last = model(**_to(inputs, device), logits_to_keep=1).logits[:, -1].float().cpu()
-            require(not inputs.get("pixel_values") or set(seen) == {torch.device(device).type},
-                    f"{name}: the vision tower ran on {seen}")  # fmt: skip
-            diff = float((last - torch.from_numpy(arrays[f"{name}__logits_last"])).abs().max())
-            worst = max(worst, diff)
-            require(diff <= GOLDEN_ATOL, f"{name}: last logits differ from the original code's by {diff:.2e}")
-            expected = arrays[f"{name}__generated_ids"].tolist()
-            plain = model.generate_greedy(max_new_tokens=16, stop_token_ids=GOLDEN_STOP_IDS, **_to(inputs, device))
-            require(plain == expected, f"{name}: generate_greedy gave {plain}, the original code {expected}")
-            engine_ids = runner_greedy(model, inputs, 16)
-            require(engine_ids == expected, f"{name}: the engine's layer loop gave {engine_ids}, expected {expected}")
-            checked.append(name)
+        try:
+            for case in cases:
+                name = case["name"]
+                inputs = golden_case_inputs(case, arrays, lut)
+                with torch.inference_mode(), record_vision_devices(model) as seen:
+                    last = model(**_to(inputs, device), logits_to_keep=1).logits[:, -1].float().cpu()
+                require(not inputs.get("pixel_values") or set(seen) == {torch.device(device).type},
+                        f"{name}: the vision tower ran on {seen}")  # fmt: skip
+                diff = float((last - torch.from_numpy(arrays[f"{name}__logits_last"])).abs().max())
+                worst = max(worst, diff)
+                require(diff <= GOLDEN_ATOL, f"{name}: last logits differ from the original code's by {diff:.2e}")
+                expected = arrays[f"{name}__generated_ids"].tolist()
+                plain = model.generate_greedy(max_new_tokens=16, stop_token_ids=GOLDEN_STOP_IDS,
+                                              **_to(inputs, device))  # fmt: skip
+                require(plain == expected, f"{name}: generate_greedy gave {plain}, the original code {expected}")
+                hits = engine.block_manager.prefix_hits
+                for attempt in ("first", "prefix-cached"):
+                    ids = engine_greedy(engine, name, inputs, 16)
+                    require(ids == expected, f"{name} ({attempt}): the engine gave {ids}, expected {expected}")
+                require(engine.block_manager.prefix_hits > hits, f"{name}: the repeat did not hit the prefix cache")
+                checked.append(name)
+        finally:
+            engine.shutdown()
     return {"cases": checked, "max_abs_logit_diff": worst, "tolerance": GOLDEN_ATOL}
 
 
@@ -346,7 +394,7 @@ def check_engine(checkpoint: Path, device: str) -> dict[str, Any]:
                       for text, images in (("Read every line.", []), ("Summarise.", [document_page(2)]),
                                            ("List the totals.", [document_page(5, (900, 300))]))]  # fmt: skip
             batched = engine.submit(probe())
-            cache_device = engine._cache.keys[0].device.type if engine._cache is not None else device
+            cache_device = engine.runner.pool.keys[0].device.type
             in_batch = batched.result().choices[0]
             for handle in others:
                 handle.result()

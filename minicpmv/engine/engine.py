@@ -1,16 +1,16 @@
-"""The generation engine: iteration-level (continuous) batching on one background thread.
+"""The generation engine: the request lifecycle around a step loop on one background thread.
 
 Why our own loop rather than transformers' continuous batching: that manager takes token ids
 only (no inputs_embeds, so no images without extra machinery) and does not cover per-request
 seeds, repetition/presence penalties, grammar-constrained decoding, logprobs and cancellation
 the way serving needs them. Ours is small and owns every one of those features.
 
-Each loop iteration: drop cancelled requests, admit waiting requests in arrival order while
-the budgets allow (running sequences, reserved KV tokens, prefill tokens), prefill them (vision
-encoding included, with an LRU cache of image embeddings), then run one decode step for every
-running sequence and retire the finished ones. CPU-side preparation (chat template, image
-slicing, tokenisation, validation) happens in ``submit`` on the caller's thread, so that a bad
-request fails there with an exception and the engine thread only runs the model.
+The parts, as nano-vllm splits them: ``scheduler.py`` decides what each step computes (admission,
+chunked prefill under a token budget, preemption), ``block_manager.py`` owns the KV blocks and the
+prefix cache, ``kv_pool.py`` the KV tensors (allocated once), ``model_runner.py`` runs a packed step,
+``sampler.py`` picks tokens, and this file keeps the lifecycle: ``submit`` (validation and CPU work
+on the caller's thread, so a bad request fails there with an exception), the loop (cancellations,
+a few image slices encoded per step, one scheduled step, output processing), ``cancel``, ``shutdown``.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from minicpmv.chat import ChatFormatError, format_chat
+from minicpmv.engine.block_manager import BlockManager
 from minicpmv.engine.detokenizer import IncrementalDetokenizer
 from minicpmv.engine.errors import (
     ContextLengthError,
@@ -45,6 +46,7 @@ from minicpmv.engine.request import (
     Sequence,
 )
 from minicpmv.engine.sampler import LogitsProcessor
+from minicpmv.engine.scheduler import Scheduler
 from minicpmv.engine.structured import GrammarCompilerCache, GrammarState
 from minicpmv.engine.vision_cache import VisionCache, image_key
 from minicpmv.image_processing import ImageProcessor
@@ -57,25 +59,40 @@ logger = logging.getLogger(__name__)
 class EngineConfig:
     """Limits of one engine (one model instance).
 
-    ``max_num_seqs``: sequences decoded together. ``max_total_tokens``: KV budget, the sum over running
-    sequences of prompt + max_tokens. ``max_prefill_tokens``: padded prompt tokens prefilled in one
-    forward. ``max_waiting``: requests queued before ``submit`` raises QueueFullError.
-    ``max_model_len``: context limit (default: the model's max_position_embeddings).
+    ``max_num_seqs``: sequences running together. ``max_num_batched_tokens``: tokens computed in one step
+    (a decoding sequence takes one, prefill chunks the rest: a long prompt is prefilled over several steps).
+    ``max_waiting``: requests queued before ``submit`` raises QueueFullError. ``max_model_len``: context limit
+    (default: the model's max_position_embeddings). ``block_size``: tokens per KV block. KV pool size:
+    ``kv_cache_memory_mb`` if set, else on CUDA the free memory after loading times
+    ``gpu_memory_utilization``, on the CPU 1024 MB. ``enable_prefix_caching``: share the KV of identical
+    prompt prefixes (images included) between requests. ``max_encoder_slices_per_step``: image slices
+    encoded per step while other sequences decode (all at once when none does). ``attention_backend``:
+    "auto", "reference" or "varlen" (attention.py).
     """
 
     max_num_seqs: int = 16
-    max_total_tokens: int = 131072
-    max_prefill_tokens: int = 8192
+    max_num_batched_tokens: int = 512
     max_waiting: int = 256
     max_model_len: int | None = None
     default_max_tokens: int = 2048
     vision_cache_size: int = 64
     default_max_slice_nums: int | None = None
+    block_size: int = 16
+    kv_cache_memory_mb: int | None = None
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    max_encoder_slices_per_step: int = 2
+    attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_total_tokens", "max_prefill_tokens", "max_waiting", "default_max_tokens"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "default_max_tokens", "block_size",
+                     "max_encoder_slices_per_step"):  # fmt: skip
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1")
+        if self.kv_cache_memory_mb is not None and self.kv_cache_memory_mb < 1:
+            raise ValueError("EngineConfig.kv_cache_memory_mb must be >= 1 (or unset)")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError("EngineConfig.gpu_memory_utilization must be in (0, 1]")
 
 
 class Engine:
@@ -83,16 +100,19 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
+        cfg = self.config
         self.processor = MiniCPMVProcessor(image_processor, tokenizer)
-        self.runner = ModelRunner(model)
-        self.max_model_len = self.config.max_model_len or model.config.max_position_embeddings
-        self.vision_cache = VisionCache(self.config.vision_cache_size)
+        self.runner = ModelRunner(model, block_size=cfg.block_size, kv_cache_memory_mb=cfg.kv_cache_memory_mb,
+                                  gpu_memory_utilization=cfg.gpu_memory_utilization,
+                                  attention_backend=cfg.attention_backend)  # fmt: skip
+        self.block_manager = BlockManager(self.runner.pool.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.max_model_len = cfg.max_model_len or model.config.max_position_embeddings
+        self.vision_cache = VisionCache(cfg.vision_cache_size)
         self.grammars = GrammarCompilerCache(tokenizer, model.config.vocab_size)
         self.logits_processor = LogitsProcessor(tokenizer, model.config.vocab_size, self.runner.device)
-        self._waiting: deque[RequestState] = deque()
+        self._incoming: deque[RequestState] = deque()  # submitted, not yet handed to the scheduler
         self._requests: dict[str, RequestState] = {}
-        self._running: list[Sequence] = []
-        self._cache = None
         self._cv = threading.Condition()
         self._stop = False
         self.num_generated_tokens = 0
@@ -118,11 +138,26 @@ class Engine:
 
     @property
     def num_running(self) -> int:
-        return len(self._running)
+        return len(self.scheduler.running)
 
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting)
+        """Requests not admitted yet (read from other threads: a snapshot)."""
+        return len(self._incoming) + len({seq.request for seq in list(self.scheduler.waiting)})
+
+    def stats(self) -> dict[str, float]:
+        """Counters and gauges for metrics: KV blocks, prefix-cache tokens looked up and found, preemptions."""
+        blocks = self.block_manager
+        return {
+            "kv_blocks_total": blocks.num_blocks,
+            "kv_blocks_used": blocks.num_used_blocks,
+            "kv_usage": blocks.num_used_blocks / blocks.num_blocks,
+            "prefix_cache_queries": blocks.prefix_queries,
+            "prefix_cache_hits": blocks.prefix_hits,
+            "preemptions": self.scheduler.num_preemptions,
+            "steps": self.num_steps,
+            "generated_tokens": self.num_generated_tokens,
+        }
 
     def submit(self, request: GenerationRequest, callback: Callable[[Delta], None] | None = None) -> RequestHandle:
         """Validate and queue ``request``. Deltas go to ``callback`` (called on the engine thread) or,
@@ -142,10 +177,10 @@ class Engine:
         with self._cv:
             if request.request_id in self._requests:
                 raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
-            if len(self._waiting) >= self.config.max_waiting:
-                raise QueueFullError(f"{len(self._waiting)} requests are already waiting; retry later")
+            if self.num_waiting >= self.config.max_waiting:
+                raise QueueFullError(f"{self.num_waiting} requests are already waiting; retry later")
             self._requests[request.request_id] = state
-            self._waiting.append(state)
+            self._incoming.append(state)
             self._cv.notify()
         return RequestHandle(state, self.cancel)
 
@@ -195,10 +230,10 @@ class Engine:
                 f"the prompt has {prompt_len} tokens and max_tokens is {max_tokens}: together more than the "
                 f"model's context of {self.max_model_len} tokens"
             )
-        if (prompt_len + max_tokens) * params.n > self.config.max_total_tokens:
+        if self.block_manager.blocks_for(prompt_len + max_tokens) > self.block_manager.num_blocks:
             raise ContextLengthError(
-                f"prompt ({prompt_len}) + max_tokens ({max_tokens}) times n ({params.n}) exceeds this "
-                f"engine's token budget of {self.config.max_total_tokens}"
+                f"the prompt has {prompt_len} tokens and max_tokens is {max_tokens}: together more than this "
+                f"engine's KV cache of {self.runner.pool.num_slots} tokens"
             )
         grammar = None
         if params.response_format is not None:
@@ -208,6 +243,8 @@ class Engine:
                 raise InvalidRequestError(str(e)) from e
         state = RequestState(request, encoded.input_ids, encoded.image_bounds, images, max_tokens, callback)
         state.prompt = prompt
+        state.content_spans = self._content_spans(images, encoded.image_bounds)
+        self._vision_ready(state)
         for index in range(params.n):
             seed = None if params.seed is None else params.seed + index
             state.sequences.append(Sequence(
@@ -233,64 +270,62 @@ class Engine:
         generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
         return generator
 
+    @staticmethod
+    def _content_spans(images: list[ImageInput], bounds: list[tuple[int, int]]) -> list[tuple[int, int, str]]:
+        """(start, end, "<image key>#<slice>") of every slice placeholder span, in prompt order."""
+        spans, k = [], 0
+        for image in images:
+            for chunk in range(image.processed.num_chunks):
+                start, end = bounds[k]
+                spans.append((int(start), int(end), f"{image.key}#{chunk}"))
+                k += 1
+        return spans
+
+    def _vision_ready(self, state: RequestState) -> None:
+        """Once every image of ``state`` is encoded: the embedding rows for its placeholder positions."""
+        if not state.images or any(image.embeds is None for image in state.images):
+            return
+        positions = torch.cat([torch.arange(start, end) for start, end, _ in state.content_spans])
+        embeds = torch.cat([image.embeds for image in state.images])
+        state.vision_embeds = embeds.reshape(-1, embeds.shape[-1])
+        state.vision_positions = positions
+        state.vision_end = int(positions.max()) + 1
+
     # ---------------------------------------------------------------- the loop (engine thread)
 
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._stop and not self._waiting and not self._running:
+                while not self._stop and not self._incoming and not self.scheduler.has_work():
                     self._cv.wait()
                 if self._stop:
                     return
-                admitted = self._admit()
+                while self._incoming:
+                    self.scheduler.add(self._incoming.popleft().sequences)
+            batch = []
             try:
                 self._drop_cancelled()
-                if admitted:
-                    self._prefill(admitted)
-                if self._running:
-                    self._decode_step()
+                self._encode_images()
+                batch = self.scheduler.schedule(lambda seq: seq.request.images_ready)
+                if batch:
+                    logits = self.runner.execute(batch)
+                    self.num_steps += 1
+                    self.scheduler.computed(batch)
+                    self._process([entry.seq for entry in batch if entry.sample], logits)
             except Exception as e:  # a failed step fails its requests, never the engine
                 logger.exception("engine step failed")
-                for state in {seq.request for seq in self._running} | set(admitted):
+                states = {entry.seq.request for entry in batch} or {s.request for s in self.scheduler.running}
+                for state in states:
+                    for seq in state.sequences:
+                        self.scheduler.finish(seq)
                     self._finish_request(state, FINISH_ERROR, f"internal error: {type(e).__name__}: {e}")
-                self._running, self._cache = [], None
-
-    def _admit(self) -> list[RequestState]:
-        admitted: list[RequestState] = []
-        seqs = len(self._running)
-        reserved = sum(seq.reserved_tokens for seq in self._running)
-        prefill = 0
-        while self._waiting:
-            state = self._waiting[0]
-            if state.cancelled.is_set():
-                self._waiting.popleft()
-                admitted.append(state)  # finished as cancelled by _drop_cancelled
-                continue
-            n = len(state.sequences)
-            need = n * (len(state.prompt_ids) + state.max_tokens)
-            longest = max([len(s.prompt_ids) for s in admitted] + [len(state.prompt_ids)])
-            fits = (
-                seqs + n <= self.config.max_num_seqs
-                and reserved + need <= self.config.max_total_tokens
-                and (not admitted or longest * (prefill + n) <= self.config.max_prefill_tokens)
-            )
-            if not fits:
-                break
-            self._waiting.popleft()
-            admitted.append(state)
-            seqs, reserved, prefill = seqs + n, reserved + need, prefill + n
-        return admitted
 
     def _drop_cancelled(self) -> None:
         with self._cv:  # submit() adds to _requests from other threads
             cancelled = [s for s in self._requests.values() if s.cancelled.is_set()]
-            for state in cancelled:
-                if state in self._waiting:
-                    self._waiting.remove(state)
-        if not cancelled:
-            return
-        self._retire({seq for state in cancelled for seq in state.sequences})
         for state in cancelled:
+            for seq in state.sequences:
+                self.scheduler.finish(seq)
             self._finish_request(state, FINISH_CANCELLED)
 
     def _finish_request(self, state: RequestState, reason: str, error: str | None = None) -> None:
@@ -302,73 +337,54 @@ class Engine:
         with self._cv:
             self._requests.pop(state.request_id, None)
 
-    def _prefill(self, admitted: list[RequestState]) -> None:
-        states = [s for s in admitted if not s.cancelled.is_set() and s.request_id in self._requests]
+    def _encode_images(self) -> None:
+        """Encode the next image slices of admitted requests, oldest first: at most
+        ``max_encoder_slices_per_step`` while other sequences decode (so that they are held back by about one
+        prefill chunk), everything pending when none does."""
+        states = list(dict.fromkeys(seq.request for seq in self.scheduler.running if not seq.request.images_ready))
         if not states:
             return
-        self._encode_images(states)
-        seqs = [seq for state in states for seq in state.sequences]
-        length = max(seq.prompt_len for seq in seqs)
-        device = self.runner.device
-        ids = torch.zeros(len(seqs), length, dtype=torch.long)
-        valid = torch.zeros(len(seqs), length, dtype=torch.bool)
-        image_embeds, bounds = [], []
-        for row, seq in enumerate(seqs):
-            pad = length - seq.prompt_len
-            ids[row, pad:] = torch.tensor(seq.prompt_ids)
-            valid[row, pad:] = True
-            state = seq.request
-            image_embeds.append(torch.cat([i.embeds for i in state.images]) if state.images else None)
-            bounds.append(torch.tensor(state.image_bounds, dtype=torch.long).reshape(-1, 2) + pad)
-        with torch.inference_mode():
-            embeds = self.model.embed(ids.to(device), image_embeds, bounds)
-            logits, cache = self.runner.prefill(embeds, valid.to(device))
-        if self._cache is None:
-            self._cache = cache
-        else:
-            self._cache.merge(cache)
-        self._running.extend(seqs)
-        self._process(seqs, logits)
-
-    def _encode_images(self, states: list[RequestState]) -> None:
-        todo = [image for state in states for image in state.images if image.embeds is None]
-        if not todo:
-            return
-        pixels = [torch.from_numpy(chunk) for image in todo for chunk in image.processed.chunks]
-        sizes = torch.cat([torch.as_tensor(image.processed.tgt_sizes).reshape(-1, 2) for image in todo])
+        decoding = any(not seq.is_prefilling for seq in self.scheduler.running)
+        budget = self.config.max_encoder_slices_per_step if decoding else 1 << 30
+        work: list[tuple[ImageInput, int, int]] = []  # (image, first slice, slice count)
+        for image in (image for state in states for image in state.images if image.embeds is None):
+            if budget <= 0:
+                break
+            first = image.slices_done
+            count = min(image.processed.num_chunks - first, budget)
+            work.append((image, first, count))
+            budget -= count
+        pixels = [torch.from_numpy(chunk) for image, first, n in work
+                  for chunk in image.processed.chunks[first : first + n]]  # fmt: skip
+        sizes = torch.cat([torch.as_tensor(image.processed.tgt_sizes).reshape(-1, 2)[first : first + n]
+                           for image, first, n in work])  # fmt: skip
         with torch.inference_mode():
             encoded = self.model.encode_images(pixels, sizes)
         offset = 0
-        for image in todo:
-            k = image.processed.num_chunks
-            image.embeds = encoded[offset : offset + k]
-            offset += k
-            self.vision_cache.put(image.key, image.processed, image.embeds)
-            image.processed = replace(image.processed, chunks=[])  # the pixels are no longer needed
-
-    def _decode_step(self) -> None:
-        last = torch.tensor([seq.output_ids[-1] for seq in self._running], dtype=torch.long)
-        positions = torch.tensor([seq.prompt_len + len(seq.output_ids) - 1 for seq in self._running])
-        logits = self.runner.decode(last, positions, self._cache)
-        self.num_steps += 1
-        self._process(list(self._running), logits)
+        for image, _, n in work:
+            image.encoded.append(encoded[offset : offset + n])
+            offset += n
+            if image.slices_done == image.processed.num_chunks:
+                image.embeds = torch.cat(image.encoded)
+                image.encoded = []
+                self.vision_cache.put(image.key, image.processed, image.embeds)
+                image.processed = replace(image.processed, chunks=[])  # the pixels are no longer needed
+        for state in states:
+            self._vision_ready(state)
 
     def _process(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Sample one token per sequence, emit deltas, retire the finished."""
-        finished = set()
         choices = self.logits_processor.choose_all(seqs, logits)
         for seq, (token, logprob) in zip(seqs, choices, strict=True):
             delta = self._advance(seq, token, logprob)
             seq.request.emit(delta)
             if seq.finish_reason is not None:
-                finished.add(seq)
-        self.num_generated_tokens += len(seqs)
-        if finished:
-            self._retire(finished)
-            for state in {seq.request for seq in finished}:
+                self.scheduler.finish(seq)
+                state = seq.request
                 if all(s.finish_reason is not None for s in state.sequences):
                     with self._cv:
                         self._requests.pop(state.request_id, None)
+        self.num_generated_tokens += len(seqs)
 
     def _advance(self, seq: Sequence, token: int, logprob) -> Delta:
         state = seq.request
@@ -386,13 +402,3 @@ class Engine:
             text += seq.detokenizer.flush()
         return Delta(state.request_id, seq.index, text, [token], seq.prompt_len, len(seq.output_ids),
                      seq.finish_reason, [logprob] if logprob is not None else None)
-
-    def _retire(self, finished: set[Sequence]) -> None:
-        keep = [row for row, seq in enumerate(self._running) if seq not in finished]
-        if len(keep) == len(self._running):
-            return
-        self._running = [self._running[row] for row in keep]
-        if not keep:
-            self._cache = None
-        else:
-            self._cache.filter(keep)

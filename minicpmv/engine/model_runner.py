@@ -1,18 +1,21 @@
-"""Runs the LLM over a changing batch: prefill of joining sequences, one decode step for all.
+"""Runs the LLM over one packed step: the scheduled tokens of every sequence, K/V into the pool, logits out.
 
-The decoder layers are transformers' Qwen2 modules (so their weights, including 4-bit
-ones, are used as loaded), but the attention loop is ours: it reads and writes our
-:class:`BatchKVCache` directly. That keeps the engine independent of transformers' cache
-classes, whose interface changes between 5.x releases, and lets rows join and leave.
-The arithmetic is Qwen2's: RMSNorm, RoPE (rotate-half), GQA attention with SDPA, SiLU MLP.
+The decoder layers are transformers' Qwen2 modules (so their weights, including 4-bit ones, are used as
+loaded), but the layer loop is ours: projections, RoPE and the MLP run on the packed tokens ``[T, hidden]``
+(no padding across sequences), K/V go into the pool's slots, and attention is the selected backend
+(``attention.py``). The arithmetic is Qwen2's: RMSNorm, RoPE (rotate-half), GQA attention, SiLU MLP.
+Image placeholder positions take the request's vision embeddings (MiniCPM-V's merge) as they are embedded.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from dataclasses import dataclass, field
 
-from minicpmv.engine.kv_cache import BatchKVCache
+import torch
+
+from minicpmv.engine.attention import AttentionMetadata, select_backend
+from minicpmv.engine.kv_pool import KVPool, PoolShape, pool_bytes
+from minicpmv.engine.request import Sequence
 from minicpmv.modeling.minicpmv import MiniCPMV
 
 
@@ -21,8 +24,22 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+@dataclass
+class ScheduledSeq:
+    """``num_tokens`` new tokens of ``seq``, from its ``num_computed_tokens`` (at scheduling) on; ``sample``:
+    this chunk reaches the sequence's last token, so the step yields its next token."""
+
+    seq: Sequence
+    num_tokens: int
+    sample: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sample = self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
+
+
 class ModelRunner:
-    def __init__(self, model: MiniCPMV):
+    def __init__(self, model: MiniCPMV, *, block_size: int = 16, kv_cache_memory_mb: int | None = None,
+                 gpu_memory_utilization: float = 0.9, attention_backend: str = "auto"):  # fmt: skip
         self.model = model
         cfg = model.config
         self.num_layers = cfg.num_hidden_layers
@@ -33,43 +50,63 @@ class ModelRunner:
         self.dtype = model.dtype
         exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim
         self.inv_freq = (1.0 / (cfg.rope_theta**exponent)).to(self.device)
-
-    def new_cache(self, batch: int, capacity: int) -> BatchKVCache:
-        return BatchKVCache.empty(
-            self.num_layers, batch, self.num_kv_heads, self.head_dim, capacity, self.dtype, self.device
-        )
+        shape = PoolShape(self.num_layers, self.num_kv_heads, self.head_dim, block_size, self.dtype)
+        budget = pool_bytes(self.device, kv_cache_memory_mb, gpu_memory_utilization)
+        self.pool = KVPool.from_budget(shape, budget, self.device)
+        self.attention = select_backend(attention_backend, self.device, self.dtype)
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[..., None] * self.inv_freq  # [B, T, D/2], float32 as in transformers
+        freqs = positions.float()[:, None] * self.inv_freq  # [T, D/2], float32 as in transformers
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(self.dtype)[:, None], emb.sin().to(self.dtype)[:, None]
 
     @torch.inference_mode()
-    def forward(
-        self, embeds: torch.Tensor, positions: torch.Tensor, cache: BatchKVCache, attn_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """Run all layers over ``embeds`` [B, T, D] at ``positions`` [B, T], writing into the last T
-        reserved columns of ``cache``. ``attn_mask`` bool [B, 1, T, cache.length]. Returns the logits of
-        the last position, float32 [B, V].
-        """
-        llm = self.model.llm
-        batch, length, _ = embeds.shape
+    def execute(self, batch: list[ScheduledSeq]) -> torch.Tensor:
+        """One forward over ``batch``; returns float32 logits [S, V] for the entries with ``sample`` set, in
+        batch order. K/V of every scheduled token are in the pool afterwards."""
+        ids, positions, query_lens, context_lens, tables, sample_rows = [], [], [], [], [], []
+        vision: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (packed offset, positions, embeds)
+        total = 0
+        for entry in batch:
+            seq, start, length = entry.seq, entry.seq.num_computed_tokens, entry.num_tokens
+            ids.extend(seq.token_ids_range(start, start + length))
+            positions.append(torch.arange(start, start + length))
+            query_lens.append(length)
+            context_lens.append(start + length)
+            tables.append(seq.block_table)
+            state = seq.request
+            if state.vision_positions is not None and start < state.vision_end:
+                inside = (state.vision_positions >= start) & (state.vision_positions < start + length)
+                if bool(inside.any()):
+                    vision.append((total - start, state.vision_positions[inside], state.vision_embeds[inside]))
+            total += length
+            if entry.sample:
+                sample_rows.append(total - 1)
+        device = self.device
+        embeds = self.model.llm.model.embed_tokens(torch.tensor(ids, dtype=torch.long, device=device))
+        for offset, where, rows in vision:
+            embeds[(where + offset).to(device)] = rows.to(device=device, dtype=embeds.dtype)
+        meta = AttentionMetadata.build(query_lens, context_lens, tables, self.pool.block_size, device)
+        hidden = self._layers(embeds, torch.cat(positions).to(device), meta)
+        rows = torch.tensor(sample_rows, dtype=torch.long, device=device)
+        return self._logits(self.model.llm.model.norm(hidden.index_select(0, rows)))
+
+    def _layers(self, hidden: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        total = hidden.shape[0]
         cos, sin = self._rope(positions)
-        hidden = embeds
-        for index, layer in enumerate(llm.model.layers):
+        for index, layer in enumerate(self.model.llm.model.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(hidden)
-            q = attn.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            q = attn.q_proj(x).view(total, self.num_heads, self.head_dim)
+            k = attn.k_proj(x).view(total, self.num_kv_heads, self.head_dim)
+            v = attn.v_proj(x).view(total, self.num_kv_heads, self.head_dim)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            keys, values = cache.write(index, k, v)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, enable_gqa=True)
-            hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+            self.pool.store(index, meta.slot_mapping, k, v)
+            out = self.attention(q, k, v, self.pool.keys[index], self.pool.values[index], meta)
+            hidden = hidden + attn.o_proj(out.reshape(total, -1))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        hidden = llm.model.norm(hidden[:, -1])
-        return self._logits(hidden)
+        return hidden
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """lm_head over the vocabulary, float32 [B, V]. On the CPU as W @ h^T: for this tall weight (151,666
@@ -79,25 +116,3 @@ class ModelRunner:
         if hidden.device.type == "cpu" and type(head) is torch.nn.Linear and head.bias is None:
             return torch.mm(head.weight, hidden.T).T.float()
         return head(hidden).float()
-
-    def prefill(
-        self, embeds: torch.Tensor, valid: torch.Tensor
-    ) -> tuple[torch.Tensor, BatchKVCache]:
-        """Prompts ``embeds`` [B, T, D], left-padded (``valid`` bool [B, T]) -> (last logits, their cache)."""
-        batch, length, _ = embeds.shape
-        cache = self.new_cache(batch, length + 16)
-        cache.reserve(length, valid)
-        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
-        causal = torch.ones(length, length, dtype=torch.bool, device=self.device).tril()
-        mask = causal[None] & valid[:, None, :]
-        # A padding query row would see no key at all (NaN in SDPA, and 0 x NaN leaks later); let it see itself.
-        mask |= torch.eye(length, dtype=torch.bool, device=self.device)[None]
-        logits = self.forward(embeds, positions, cache, mask[:, None])
-        return logits, cache
-
-    def decode(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: BatchKVCache) -> torch.Tensor:
-        """One step: ``token_ids`` [B] at ``positions`` [B] appended to ``cache`` -> logits [B, V]."""
-        embeds = self.model.llm.model.embed_tokens(token_ids.to(self.device))[:, None]
-        cache.reserve(1, torch.ones(token_ids.shape[0], 1, dtype=torch.bool))
-        mask = cache.mask[:, None, None, :]
-        return self.forward(embeds, positions.to(self.device)[:, None], cache, mask)

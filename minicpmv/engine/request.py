@@ -79,16 +79,26 @@ class GenerationResult:
 
 @dataclass
 class ImageInput:
-    """One image of a prompt: its content key, its layout, and (before encoding) its pixels."""
+    """One image of a prompt: its content key, its layout, and (before encoding) its pixels. While its
+    slices are encoded over several steps, ``encoded`` holds the parts done so far."""
 
     key: str
     processed: ProcessedImage
     embeds: torch.Tensor | None = None
+    encoded: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def slices_done(self) -> int:
+        return sum(len(part) for part in self.encoded)
 
 
 @dataclass(eq=False)  # identity semantics: sequences are kept in sets
 class Sequence:
-    """One choice of a request while it is generated."""
+    """One choice of a request while it is generated.
+
+    Its tokens are the prompt's then the outputs'; ``num_computed_tokens`` of them have their K/V in the pool,
+    in the blocks of ``block_table`` (in order). ``block_keys`` caches the prefix-cache keys of its full blocks.
+    """
 
     request: RequestState
     index: int
@@ -99,14 +109,35 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None
+    block_table: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    block_keys: list[bytes] = field(default_factory=list)
+    num_preemptions: int = 0
 
     @property
     def prompt_len(self) -> int:
         return len(self.prompt_ids)
 
     @property
-    def reserved_tokens(self) -> int:
-        return self.prompt_len + self.request.max_tokens
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def prefill_target(self) -> int:
+        """Tokens to compute before decoding: the whole prompt (its last token's logits give the first
+        output), or, when recomputing after a preemption, all but the last sampled token (which the next
+        decode step computes, as it would have without the preemption)."""
+        return self.num_tokens - 1 if self.output_ids else self.num_tokens
+
+    @property
+    def is_prefilling(self) -> bool:
+        return self.num_computed_tokens < self.prefill_target
+
+    def token_ids_range(self, start: int, end: int) -> list[int]:
+        prompt = len(self.prompt_ids)
+        if end <= prompt:
+            return self.prompt_ids[start:end]
+        return self.prompt_ids[start:prompt] + self.output_ids[max(start - prompt, 0) : end - prompt]
 
 
 class RequestState:
@@ -125,9 +156,20 @@ class RequestState:
         self.max_tokens = max_tokens
         self.sequences: list[Sequence] = []
         self.cancelled = threading.Event()
+        # (start, end, content) of each image slice's placeholder span in the prompt: the prefix cache keys
+        # blocks by the content of the images they hold (placeholders alone all have the same token id).
+        self.content_spans: list[tuple[int, int, str]] = []
+        # Once every image is encoded: the prompt positions of image embeddings and the rows for them.
+        self.vision_positions: torch.Tensor | None = None
+        self.vision_embeds: torch.Tensor | None = None
+        self.vision_end = 0
         self.unfinished = request.sampling.n
         self._callback = callback
         self._queue: queue.Queue[Delta | None] = queue.Queue()
+
+    @property
+    def images_ready(self) -> bool:
+        return not self.images or self.vision_positions is not None
 
     def emit(self, delta: Delta) -> None:
         if delta.finish_reason is not None:

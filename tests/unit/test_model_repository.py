@@ -73,18 +73,24 @@ def test_the_directory_is_named_after_the_model(model_dir):
     assert top_level(settings(model_dir, "configs/cpu.pbtxt"), "name") == model_dir.name
 
 
-@models
-def test_the_cpu_variant_differs_only_in_instance_kind_and_one_comment(model_dir):
-    gpu = (model_dir / "config.pbtxt").read_text().splitlines()
-    cpu = (model_dir / "configs" / "cpu.pbtxt").read_text().splitlines()
-    assert len(gpu) == len(cpu)
-    changed = [(g, c) for g, c in zip(gpu, cpu, strict=True) if g != c]
+SIZING = {"max_num_seqs", "gpu_memory_utilization", "kv_cache_memory_mb", "max_num_batched_tokens"}
 
-    comments = [(g, c) for g, c in changed if g.startswith("#") and c.startswith("#")]
-    settings_changed = [(g, c) for g, c in changed if (g, c) not in comments]
-    assert len(comments) == 1
+
+@models
+def test_the_cpu_variant_differs_only_in_instance_kind_and_engine_sizing(model_dir):
+    def parts(text: str) -> tuple[list[str], dict[str, str]]:
+        lines = [line for line in text.splitlines() if not line.startswith("#")]
+        params = dict(re.findall(r'parameters: \{ key: "(\w+)" value: \{ string_value: "([^"]*)" \} \}', text))
+        return [line for line in lines if not line.startswith("parameters:")], params
+
+    gpu_lines, gpu_params = parts((model_dir / "config.pbtxt").read_text())
+    cpu_lines, cpu_params = parts((model_dir / "configs" / "cpu.pbtxt").read_text())
     gpu_instances = "instance_group [ { count: 1 kind: KIND_GPU } ]"
-    assert settings_changed == [(gpu_instances, gpu_instances.replace("KIND_GPU", "KIND_CPU"))]
+    assert [(g, c) for g, c in zip(gpu_lines, cpu_lines, strict=True) if g != c] == [
+        (gpu_instances, gpu_instances.replace("KIND_GPU", "KIND_CPU"))]
+    differing = {k for k in gpu_params.keys() | cpu_params.keys() if gpu_params.get(k) != cpu_params.get(k)}
+    assert differing <= SIZING, differing
+    assert "gpu_memory_utilization" in gpu_params and "kv_cache_memory_mb" in cpu_params
 
 
 @models

@@ -43,29 +43,44 @@ def pbtxt_parameters(text: str) -> dict[str, str]:
 
 def test_parameters_are_typed():
     params = parse(
-        max_num_seqs="8", max_total_tokens="65536", max_prefill_tokens="4096", max_waiting="32",
-        vision_cache_size="5", default_max_slice_nums="4", max_model_len="8192", dtype="float16",
-        quantization="nf4", device="cuda:2",
+        max_num_seqs="8", max_num_batched_tokens="1024", max_waiting="32", vision_cache_size="5",
+        default_max_slice_nums="4", max_model_len="8192", dtype="float16", quantization="nf4", device="cuda:2",
+        gpu_memory_utilization="0.8", enable_prefix_caching="false", block_size="32", kv_cache_memory_mb="2048",
+        attention_backend="reference",
     )  # fmt: skip
 
     assert params == ModelParameters(
         model_name="minicpm_v_2_6", checkpoint="openbmb/MiniCPM-V-2_6", device="cuda:2", dtype="float16",
-        quantization="nf4", max_num_seqs=8, max_total_tokens=65536, max_prefill_tokens=4096, max_waiting=32,
-        vision_cache_size=5, default_max_slice_nums=4, max_model_len=8192,
+        quantization="nf4", engine=EngineConfig(
+            max_num_seqs=8, max_num_batched_tokens=1024, max_waiting=32, vision_cache_size=5,
+            default_max_slice_nums=4, max_model_len=8192, gpu_memory_utilization=0.8, enable_prefix_caching=False,
+            block_size=32, kv_cache_memory_mb=2048, attention_backend="reference"),
     )  # fmt: skip
+
+
+def test_every_engine_setting_is_a_parameter():
+    from dataclasses import fields
+
+    assert {f.name for f in fields(EngineConfig)} <= set(_engine_parameter_names())
+
+
+def _engine_parameter_names() -> list[str]:
+    from minicpmv_triton.parameters import _ENGINE_FIELDS
+
+    return list(_ENGINE_FIELDS)
 
 
 def test_only_a_checkpoint_gives_the_defaults():
     defaults = ModelParameters(model_name="minicpm_v_2_6", checkpoint="openbmb/MiniCPM-V-2_6")
     assert parse() == defaults
-    assert (defaults.dtype, defaults.quantization, defaults.default_max_slice_nums) == ("auto", None, None)
+    assert (defaults.dtype, defaults.quantization, defaults.engine.default_max_slice_nums) == ("auto", None, None)
 
 
 def test_empty_and_padded_values():
     params = parse(max_num_seqs=" 8 ", max_waiting="", max_model_len="", dtype="", quantization="", device="")
-    assert params.max_num_seqs == 8
-    assert params.max_waiting == ModelParameters.max_waiting
-    assert params.max_model_len is None
+    assert params.engine.max_num_seqs == 8
+    assert params.engine.max_waiting == EngineConfig.max_waiting
+    assert params.engine.max_model_len is None
     assert (params.dtype, params.quantization, params.device) == ("auto", None, "cpu")
 
 
@@ -159,7 +174,10 @@ def test_other_instance_kinds_use_cuda_when_available(monkeypatch, cuda, expecte
     ("parameters", "error"),
     [
         ({"max_num_seqs": "eight"}, "minicpm_v_2_6: parameter 'max_num_seqs' must be an integer, got 'eight'"),
-        ({"max_total_tokens": "8.5"}, "parameter 'max_total_tokens' must be an integer, got '8.5'"),
+        ({"max_num_batched_tokens": "8.5"}, "parameter 'max_num_batched_tokens' must be an integer, got '8.5'"),
+        ({"gpu_memory_utilization": "most"}, "parameter 'gpu_memory_utilization' must be a number, got 'most'"),
+        ({"gpu_memory_utilization": "1.5"}, "gpu_memory_utilization must be in (0, 1]"),
+        ({"enable_prefix_caching": "maybe"}, "parameter 'enable_prefix_caching' must be true or false"),
         ({"default_max_slice_nums": "nine"}, "parameter 'default_max_slice_nums' must be an integer"),
         ({"max_batch_tokens": "8"}, "minicpm_v_2_6: unknown parameter 'max_batch_tokens' in config.pbtxt"),
         ({"quantization": "int8"}, "parameter 'quantization' must be empty or 'nf4'"),
@@ -188,12 +206,12 @@ def test_missing_checkpoint_names_the_parameter_and_the_env_var(parameters):
 
 def test_engine_config_carries_the_limits():
     params = parse(
-        max_num_seqs="4", max_total_tokens="1000", max_prefill_tokens="300", max_waiting="7",
-        vision_cache_size="2", default_max_slice_nums="3", max_model_len="900",
+        max_num_seqs="4", max_num_batched_tokens="300", max_waiting="7", vision_cache_size="2",
+        default_max_slice_nums="3", max_model_len="900", kv_cache_memory_mb="64", enable_prefix_caching="true",
     )  # fmt: skip
     assert params.engine_config() == EngineConfig(
-        max_num_seqs=4, max_total_tokens=1000, max_prefill_tokens=300, max_waiting=7, max_model_len=900,
-        vision_cache_size=2, default_max_slice_nums=3,
+        max_num_seqs=4, max_num_batched_tokens=300, max_waiting=7, max_model_len=900, vision_cache_size=2,
+        default_max_slice_nums=3, kv_cache_memory_mb=64, enable_prefix_caching=True,
     )  # fmt: skip
 
 
@@ -216,9 +234,12 @@ def test_real_config_parameters_are_accepted(model_dir, config_file):
     assert params.model_name == model_dir.name
     assert params.checkpoint == raw["checkpoint"]
     assert params.device == "cuda:0"
-    for key in ("max_num_seqs", "max_total_tokens", "max_waiting", "default_max_slice_nums"):
+    for key in ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "default_max_slice_nums",
+                "kv_cache_memory_mb"):  # fmt: skip
         if key in raw:
-            assert getattr(params, key) == int(raw[key])
+            assert getattr(params.engine, key) == int(raw[key])
+    if "gpu_memory_utilization" in raw:
+        assert params.engine.gpu_memory_utilization == float(raw["gpu_memory_utilization"])
 
 
 @pytest.mark.parametrize("model_dir", MODEL_DIRS, ids=lambda path: path.name)

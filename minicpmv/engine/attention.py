@@ -1,0 +1,173 @@
+"""Attention over the paged KV pool, behind one small interface, for a packed step.
+
+A step is packed: the new tokens of every scheduled sequence (one for a decoding sequence, a chunk for a
+prefilling one) are concatenated, with no padding across sequences, ``[T, heads, head_dim]``. Sequence ``b``
+brings ``query_lens[b]`` new tokens and, after them, has ``context_lens[b]`` tokens of KV in the pool; its new
+tokens sit at the end of its context (causal, aligned to the bottom right).
+
+Backends (``attention_backend`` picks one; "auto" = varlen on CUDA when it passes a self-test, else reference):
+* ``ReferenceAttention``: SDPA over the sequence's blocks gathered from the pool. Decoding sequences go in one
+  batched call (keys padded to the longest context and masked); each prefill chunk in a call of its own (a
+  first chunk without cached prefix uses its own keys, causal, with no gather). Exact in float32; the CPU path.
+* ``VarlenAttention``: FlashAttention-2 variable-length attention (``torch.nn.attention.varlen``, CUDA, shipped
+  with torch: no extra build) over the gathered contexts of all sequences in one call. torch's paged mode
+  (``block_table``) needs FlashAttention-3 kernels that torch does not ship, hence the gather.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class AttentionMetadata:
+    """Where a packed step's tokens go and what they see; built once per step, used by every layer."""
+
+    query_lens: list[int]
+    context_lens: list[int]
+    slot_mapping: torch.Tensor  # [T] pool slot of each new token
+    context_slots: list[torch.Tensor]  # per sequence [context_len] pool slots of its whole context
+    decode_rows: torch.Tensor | None = None  # token index of each single-token sequence
+    decode_slots: torch.Tensor | None = None  # [Bd, Kmax] their contexts' slots, padded with slot 0
+    decode_mask: torch.Tensor | None = None  # [Bd, 1, 1, Kmax] True = a real key
+    prefills: list[tuple[int, int, int, int]] = field(default_factory=list)  # (seq, token start, q_len, ctx)
+    _varlen: tuple | None = None  # (packed context slots, cu_seq_q, cu_seq_k, max_q, max_k), built on demand
+
+    @classmethod
+    def build(cls, query_lens: list[int], context_lens: list[int], block_tables: list[list[int]], block_size: int,
+              device: torch.device) -> AttentionMetadata:  # fmt: skip
+        offsets = torch.arange(block_size)
+        context_slots, new_slots = [], []
+        for q, ctx, table in zip(query_lens, context_lens, block_tables, strict=True):
+            blocks = torch.tensor(table[: -(-ctx // block_size)], dtype=torch.long)
+            slots = (blocks[:, None] * block_size + offsets).flatten()[:ctx]
+            context_slots.append(slots)
+            new_slots.append(slots[ctx - q :])
+        meta = cls(query_lens, context_lens, torch.cat(new_slots).to(device), [s.to(device) for s in context_slots])
+        decode = [b for b, q in enumerate(query_lens) if q == 1]
+        starts = [0]
+        for q in query_lens:
+            starts.append(starts[-1] + q)
+        if decode:
+            longest = max(context_lens[b] for b in decode)
+            slots = torch.zeros(len(decode), longest, dtype=torch.long)
+            mask = torch.zeros(len(decode), 1, 1, longest, dtype=torch.bool)
+            for row, b in enumerate(decode):
+                slots[row, : context_lens[b]] = context_slots[b]
+                mask[row, 0, 0, : context_lens[b]] = True
+            meta.decode_rows = torch.tensor([starts[b] for b in decode], dtype=torch.long, device=device)
+            meta.decode_slots, meta.decode_mask = slots.to(device), mask.to(device)
+        meta.prefills = [(b, starts[b], q, context_lens[b]) for b, q in enumerate(query_lens) if q != 1]
+        return meta
+
+    def varlen_inputs(self) -> tuple:
+        if self._varlen is None:
+            device = self.slot_mapping.device
+            cu_q = torch.tensor([0, *self.query_lens], device=device).cumsum(0, dtype=torch.int32)
+            cu_k = torch.tensor([0, *self.context_lens], device=device).cumsum(0, dtype=torch.int32)
+            self._varlen = (torch.cat(self.context_slots), cu_q, cu_k, max(self.query_lens), max(self.context_lens))
+        return self._varlen
+
+
+class ReferenceAttention:
+    name = "reference"
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                 meta: AttentionMetadata) -> torch.Tensor:  # fmt: skip
+        """``q`` [T, Hq, D], the step's ``k``/``v`` [T, Hk, D] (already stored), the layer's pool ``keys``/``values``
+        [slots, Hk, D] -> [T, Hq, D]."""
+        out = torch.empty_like(q)
+        if meta.decode_rows is not None:
+            query = q.index_select(0, meta.decode_rows)[:, :, None]  # [Bd, Hq, 1, D]
+            key = keys[meta.decode_slots].transpose(1, 2)  # [Bd, Hk, Kmax, D]
+            value = values[meta.decode_slots].transpose(1, 2)
+            result = F.scaled_dot_product_attention(query, key, value, attn_mask=meta.decode_mask, enable_gqa=True)
+            out.index_copy_(0, meta.decode_rows, result[:, :, 0])
+        for b, start, length, ctx in meta.prefills:
+            query = q[start : start + length].transpose(0, 1)[None]  # [1, Hq, q, D]
+            if ctx == length:  # nothing cached before this chunk: its own keys, plain causal
+                key = k[start : start + length].transpose(0, 1)[None]
+                value = v[start : start + length].transpose(0, 1)[None]
+                result = F.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True)
+            else:
+                slots = meta.context_slots[b]
+                key, value = keys[slots].transpose(0, 1)[None], values[slots].transpose(0, 1)[None]
+                rows = torch.arange(length, device=q.device)[:, None] + (ctx - length)
+                mask = torch.arange(ctx, device=q.device)[None, :] <= rows  # bottom-right causal
+                result = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, enable_gqa=True)
+            out[start : start + length] = result[0].transpose(0, 1)
+        return out
+
+
+class VarlenAttention:
+    name = "varlen"
+
+    def __init__(self):
+        from torch.nn.attention.varlen import varlen_attn  # ImportError where this torch has none
+
+        self._fn = varlen_attn
+        params = inspect.signature(varlen_attn).parameters
+        # torch 2.13 spells causal as window_size=(-1, 0); earlier releases had is_causal. Detected, not assumed.
+        if "window_size" in params:
+            self._causal = {"window_size": (-1, 0)}
+        elif "is_causal" in params:
+            self._causal = {"is_causal": True}
+        else:
+            raise RuntimeError("varlen_attn takes neither window_size nor is_causal")
+        self._gqa = "enable_gqa" in params
+
+    def __call__(self, q, k, v, keys, values, meta: AttentionMetadata) -> torch.Tensor:
+        slots, cu_q, cu_k, max_q, max_k = meta.varlen_inputs()
+        key, value = keys.index_select(0, slots), values.index_select(0, slots)
+        extra = dict(self._causal)
+        if self._gqa:
+            extra["enable_gqa"] = True
+        elif key.shape[1] != q.shape[1]:
+            repeat = q.shape[1] // key.shape[1]
+            key, value = key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)
+        return self._fn(q, key, value, cu_q, cu_k, max_q, max_k, **extra)
+
+
+def select_backend(name: str, device: torch.device, dtype: torch.dtype):
+    """The backend ``name`` asks for ("auto", "reference", "varlen"). "auto" on CUDA takes varlen when it
+    imports and agrees with the reference on a self-test (mixed decode and prefill, cached prefix, GQA)."""
+    if name == "reference" or (name == "auto" and device.type != "cuda"):
+        return ReferenceAttention()
+    if name not in ("auto", "varlen"):
+        raise ValueError(f"unknown attention backend {name!r}; choose auto, reference or varlen")
+    try:
+        backend = VarlenAttention()
+        error = _self_test(backend, device, dtype)
+    except Exception as e:  # noqa: BLE001 (any failure means: not usable here)
+        error = f"{type(e).__name__}: {e}"
+    if error is None:
+        logger.info("attention: FlashAttention varlen over gathered blocks")
+        return backend
+    if name == "varlen":
+        raise RuntimeError(f"attention backend 'varlen' is not usable here: {error}")
+    logger.warning("attention: varlen is not usable here (%s); using the reference SDPA path", error)
+    return ReferenceAttention()
+
+
+def _self_test(backend, device: torch.device, dtype: torch.dtype) -> str | None:
+    generator = torch.Generator().manual_seed(0)
+    block_size, heads, kv_heads, dim = 16, 28, 4, 128
+    keys = torch.randn(64 * block_size, kv_heads, dim, generator=generator).to(device, dtype)
+    values = torch.randn(64 * block_size, kv_heads, dim, generator=generator).to(device, dtype)
+    query_lens, context_lens = [1, 5, 7, 1], [40, 5, 30, 17]
+    tables = [[3, 9, 4], [10], [20, 21], [30, 31]]
+    meta = AttentionMetadata.build(query_lens, context_lens, tables, block_size, device)
+    total = sum(query_lens)
+    q = torch.randn(total, heads, dim, generator=generator).to(device, dtype)
+    k, v = keys[meta.slot_mapping], values[meta.slot_mapping]
+    expected = ReferenceAttention()(q, k, v, keys, values, meta).float()
+    got = backend(q, k, v, keys, values, meta).float()
+    error = float((got - expected).abs().max())
+    return None if error < 2e-2 else f"self-test differs from the reference by {error:.3g}"

@@ -1,0 +1,85 @@
+"""The KV cache: one key and one value tensor per layer, allocated once at start-up and never resized.
+
+Layout per layer: ``[num_blocks * block_size, num_kv_heads, head_dim]``, i.e. token slots; block ``b`` holds
+slots ``b * block_size ... (b + 1) * block_size - 1``. A token's K/V are written into the slot its sequence's
+block table gives (``slot_mapping``) and stay there until the sequence leaves: joins, retirements,
+preemptions and cancellations only change block tables, never these tensors (CUDA graphs can capture them).
+
+Size: on CUDA the memory left after the weights times ``gpu_memory_utilization`` (vLLM's knob), unless
+``kv_cache_memory_mb`` is set; on the CPU ``kv_cache_memory_mb`` (default 1024). What is allocated is exactly
+what the budget says, rounded down to whole blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CPU_KV_MB = 1024
+
+
+@dataclass(frozen=True)
+class PoolShape:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_block(self) -> int:
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * element
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.bytes_per_block // self.block_size
+
+
+def pool_bytes(device: torch.device, kv_cache_memory_mb: int | None, gpu_memory_utilization: float) -> int:
+    """The KV budget in bytes: explicit megabytes if given, else on CUDA ``free memory x utilization``."""
+    if kv_cache_memory_mb is not None:
+        return int(kv_cache_memory_mb) << 20
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free * gpu_memory_utilization)
+    return DEFAULT_CPU_KV_MB << 20
+
+
+class KVPool:
+    def __init__(self, shape: PoolShape, num_blocks: int, device: torch.device):
+        if num_blocks < 1:
+            raise ValueError(
+                f"the KV cache budget holds no block of {shape.bytes_per_block} bytes; raise kv_cache_memory_mb "
+                "or gpu_memory_utilization"
+            )
+        self.shape = shape
+        self.num_blocks = num_blocks
+        self.block_size = shape.block_size
+        slots = num_blocks * shape.block_size
+        size = (slots, shape.num_kv_heads, shape.head_dim)
+        self.keys = [torch.zeros(size, dtype=shape.dtype, device=device) for _ in range(shape.num_layers)]
+        self.values = [torch.zeros(size, dtype=shape.dtype, device=device) for _ in range(shape.num_layers)]
+        logger.info("KV pool: %d blocks of %d tokens (%d tokens, %.1f MiB) on %s", num_blocks, shape.block_size,
+                    slots, self.nbytes / 2**20, device)  # fmt: skip
+
+    @classmethod
+    def from_budget(cls, shape: PoolShape, budget_bytes: int, device: torch.device) -> KVPool:
+        return cls(shape, budget_bytes // shape.bytes_per_block, device)
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_blocks * self.shape.bytes_per_block
+
+    def store(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write ``keys``/``values`` [T, H, D] of new tokens into ``slots`` [T] of ``layer``."""
+        self.keys[layer].index_copy_(0, slots, keys)
+        self.values[layer].index_copy_(0, slots, values)

@@ -1,0 +1,138 @@
+"""What runs in the next step: admission, chunked prefill under a token budget, preemption, retirement.
+
+Each step spends at most ``max_num_batched_tokens`` tokens, in this order:
+1. one token for every decoding sequence (oldest first). One that needs a new block when none is free
+   preempts the newest running sequence (its blocks are freed, it goes back to the front of the queue and is
+   recomputed later; its full blocks stay in the prefix cache, so the recompute is mostly cache hits),
+   never failing anything;
+2. the next chunk of every sequence still prefilling (a long prompt is prefilled over several steps, between
+   the decode steps of the others);
+3. waiting sequences in arrival order, while ``max_num_seqs`` and the pool allow: admission takes the
+   longest cached prefix (prefix cache) and blocks for the rest, keeping one free block per decoding sequence
+   so that admitting does not force a preemption at the next block boundary.
+A sequence whose images are not encoded yet (the engine encodes a few slices per step) is admitted but not
+given prefill tokens until they are.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+
+from minicpmv.engine.block_manager import BlockManager, block_key
+from minicpmv.engine.model_runner import ScheduledSeq
+from minicpmv.engine.request import Sequence
+
+logger = logging.getLogger(__name__)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.blocks = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order: the newest is preempted first
+        self.num_preemptions = 0
+
+    @property
+    def block_size(self) -> int:
+        return self.blocks.block_size
+
+    def add(self, seqs: list[Sequence]) -> None:
+        self.waiting.extend(seqs)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self, images_ready: Callable[[Sequence], bool]) -> list[ScheduledSeq]:
+        budget = self.max_num_batched_tokens
+        batch: list[ScheduledSeq] = []
+        for seq in list(self.running):
+            if seq not in self.running or seq.is_prefilling:
+                continue  # preempted by an older one in this loop, or not decoding
+            if self._make_room(seq, batch):
+                batch.append(ScheduledSeq(seq, 1))
+                budget -= 1
+        for seq in self.running:
+            if budget <= 0:
+                break
+            if seq.is_prefilling and images_ready(seq):
+                length = min(seq.prefill_target - seq.num_computed_tokens, budget)
+                batch.append(ScheduledSeq(seq, length))
+                budget -= length
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            cached = self.blocks.cached_prefix(self.block_keys(seq), seq.num_tokens)
+            decoding = sum(1 for s in self.running if not s.is_prefilling)
+            if not self.blocks.can_allocate(seq.num_tokens, cached, reserve=decoding):
+                break
+            self.waiting.popleft()
+            seq.block_table = self.blocks.allocate(seq.num_tokens, cached)
+            seq.num_computed_tokens = len(cached) * self.block_size
+            self.running.append(seq)
+            if images_ready(seq):
+                length = min(seq.prefill_target - seq.num_computed_tokens, budget)
+                batch.append(ScheduledSeq(seq, length))
+                budget -= length
+        return batch
+
+    def _make_room(self, seq: Sequence, batch: list[ScheduledSeq]) -> bool:
+        """A slot for ``seq``'s next token, preempting the newest running sequences while none is free. False
+        when ``seq`` itself had to go."""
+        while not self.blocks.append_slot(seq.block_table, seq.num_tokens):
+            victim = self.running[-1]
+            self.preempt(victim)
+            batch[:] = [entry for entry in batch if entry.seq is not victim]
+            if victim is seq:
+                return False
+        return True
+
+    def preempt(self, seq: Sequence) -> None:
+        """Free ``seq``'s blocks and queue it first for a recompute of its prompt and outputs so far."""
+        self.running.remove(seq)
+        self.blocks.free(seq.block_table)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        logger.info("preempted %s/%d (%d tokens) for lack of KV blocks", seq.request.request_id, seq.index,
+                    seq.num_tokens)  # fmt: skip
+
+    def computed(self, batch: list[ScheduledSeq]) -> None:
+        """After a step: advance each sequence and put its newly full blocks into the prefix cache."""
+        for entry in batch:
+            seq = entry.seq
+            seq.num_computed_tokens += entry.num_tokens
+            first = (seq.num_computed_tokens - entry.num_tokens) // self.block_size
+            full = seq.num_computed_tokens // self.block_size
+            if full > first and self.blocks.enable_prefix_caching:
+                keys = self.block_keys(seq, full)
+                for index in range(first, full):
+                    self.blocks.register(seq.block_table[index], keys[index])
+
+    def finish(self, seq: Sequence) -> None:
+        """``seq`` is done (finished or cancelled): it leaves the queues and its blocks are freed."""
+        if seq in self.running:
+            self.running.remove(seq)
+        else:
+            try:
+                self.waiting.remove(seq)
+            except ValueError:
+                pass
+        self.blocks.free(seq.block_table)
+
+    def block_keys(self, seq: Sequence, count: int | None = None) -> list[bytes]:
+        """The prefix-cache keys of ``seq``'s first ``count`` full blocks (default: all full blocks), extended
+        and cached on the sequence as it grows."""
+        size = self.block_size
+        count = seq.num_tokens // size if count is None else count
+        keys = seq.block_keys
+        spans = seq.request.content_spans
+        while len(keys) < count:
+            index = len(keys)
+            start, end = index * size, (index + 1) * size
+            contents = [(content, max(start, a) - a) for a, b, content in spans if a < end and b > start]
+            keys.append(block_key(keys[-1] if keys else None, seq.token_ids_range(start, end), contents))
+        return keys[:count]
