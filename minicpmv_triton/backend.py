@@ -183,7 +183,7 @@ class _Metrics:
     (prompt tokens found / looked up), as vLLM reports it.
     """
 
-    GAUGE, COUNTER = pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER
+    GAUGE, COUNTER = "gauge", "counter"
     FAMILIES = (
         ("minicpmv_generated_tokens_total", "Tokens generated", COUNTER, None),
         ("minicpmv_running_sequences", "Sequences in the running batch", GAUGE, "running"),
@@ -201,7 +201,8 @@ class _Metrics:
 
     def __init__(self, model_name: str):
         labels = {"model": model_name}
-        self.families = [pb_utils.MetricFamily(name=n, description=d, kind=k) for n, d, k, _ in self.FAMILIES]
+        kinds = {self.GAUGE: pb_utils.MetricFamily.GAUGE, self.COUNTER: pb_utils.MetricFamily.COUNTER}
+        self.families = [pb_utils.MetricFamily(name=n, description=d, kind=kinds[k]) for n, d, k, _ in self.FAMILIES]
         self.metrics = [f.Metric(labels=labels) for f in self.families]
         self.tokens = self.metrics[0]
         self._seen: dict[str, float] = {}

@@ -27,15 +27,15 @@ class Block:
     key: bytes | None = None  # set once the block is full, computed and in the prefix cache
 
 
-def block_key(parent: bytes | None, token_ids: Seq[int], contents: Seq[tuple[str, int]]) -> bytes:
+def block_key(parent: bytes | None, token_ids: Seq[int], contents: Seq[tuple[str, int, int]]) -> bytes:
     """The prefix-cache key of a full block: ``parent`` (the previous block's key, None for the first),
-    its token ids and, for every image span it holds, (content key, offset of the block's first position
-    within that span)."""
+    its token ids and, for every image span it holds, (content key, offset into the span of the block's first
+    position in it, offset into the block where the span starts or 0)."""
     digest = hashlib.sha256(parent or b"")
     digest.update(len(token_ids).to_bytes(4, "little"))
     digest.update(b"".join(int(t).to_bytes(4, "little") for t in token_ids))
-    for content, offset in contents:
-        digest.update(f"|{content}@{offset}".encode())
+    for content, span_offset, block_offset in contents:
+        digest.update(f"|{content}@{span_offset}+{block_offset}".encode())
     return digest.digest()
 
 

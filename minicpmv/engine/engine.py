@@ -64,7 +64,8 @@ class EngineConfig:
     ``max_waiting``: requests queued before ``submit`` raises QueueFullError. ``max_model_len``: context limit
     (default: the model's max_position_embeddings). ``block_size``: tokens per KV block. KV pool size:
     ``kv_cache_memory_mb`` if set, else on CUDA the free memory after loading times
-    ``gpu_memory_utilization``, on the CPU 1024 MB. ``enable_prefix_caching``: share the KV of identical
+    ``gpu_memory_utilization``, on the CPU 1024 MB; ``num_kv_blocks`` overrides both with an exact block count
+    (tests, exact sizing). ``enable_prefix_caching``: share the KV of identical
     prompt prefixes (images included) between requests. ``max_encoder_slices_per_step``: image slices
     encoded per step while other sequences decode (all at once when none does). ``attention_backend``:
     "auto", "reference" or "varlen" (attention.py).
@@ -79,6 +80,7 @@ class EngineConfig:
     default_max_slice_nums: int | None = None
     block_size: int = 16
     kv_cache_memory_mb: int | None = None
+    num_kv_blocks: int | None = None
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     max_encoder_slices_per_step: int = 2
@@ -89,8 +91,9 @@ class EngineConfig:
                      "max_encoder_slices_per_step"):  # fmt: skip
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1")
-        if self.kv_cache_memory_mb is not None and self.kv_cache_memory_mb < 1:
-            raise ValueError("EngineConfig.kv_cache_memory_mb must be >= 1 (or unset)")
+        for name in ("kv_cache_memory_mb", "num_kv_blocks"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"EngineConfig.{name} must be >= 1 (or unset)")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("EngineConfig.gpu_memory_utilization must be in (0, 1]")
 
@@ -103,7 +106,7 @@ class Engine:
         cfg = self.config
         self.processor = MiniCPMVProcessor(image_processor, tokenizer)
         self.runner = ModelRunner(model, block_size=cfg.block_size, kv_cache_memory_mb=cfg.kv_cache_memory_mb,
-                                  gpu_memory_utilization=cfg.gpu_memory_utilization,
+                                  num_kv_blocks=cfg.num_kv_blocks, gpu_memory_utilization=cfg.gpu_memory_utilization,
                                   attention_backend=cfg.attention_backend)  # fmt: skip
         self.block_manager = BlockManager(self.runner.pool.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)

@@ -39,7 +39,8 @@ class ScheduledSeq:
 
 class ModelRunner:
     def __init__(self, model: MiniCPMV, *, block_size: int = 16, kv_cache_memory_mb: int | None = None,
-                 gpu_memory_utilization: float = 0.9, attention_backend: str = "auto"):  # fmt: skip
+                 num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
+                 attention_backend: str = "auto"):  # fmt: skip
         self.model = model
         cfg = model.config
         self.num_layers = cfg.num_hidden_layers
@@ -51,8 +52,11 @@ class ModelRunner:
         exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim
         self.inv_freq = (1.0 / (cfg.rope_theta**exponent)).to(self.device)
         shape = PoolShape(self.num_layers, self.num_kv_heads, self.head_dim, block_size, self.dtype)
-        budget = pool_bytes(self.device, kv_cache_memory_mb, gpu_memory_utilization)
-        self.pool = KVPool.from_budget(shape, budget, self.device)
+        if num_kv_blocks is not None:
+            self.pool = KVPool(shape, num_kv_blocks, self.device)
+        else:
+            budget = pool_bytes(self.device, kv_cache_memory_mb, gpu_memory_utilization)
+            self.pool = KVPool.from_budget(shape, budget, self.device)
         self.attention = select_backend(attention_backend, self.device, self.dtype)
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -133,6 +133,7 @@ class Scheduler:
         while len(keys) < count:
             index = len(keys)
             start, end = index * size, (index + 1) * size
-            contents = [(content, max(start, a) - a) for a, b, content in spans if a < end and b > start]
+            contents = [(content, max(start, a) - a, max(a - start, 0)) for a, b, content in spans
+                        if a < end and b > start]  # fmt: skip
             keys.append(block_key(keys[-1] if keys else None, seq.token_ids_range(start, end), contents))
         return keys[:count]
