@@ -106,7 +106,7 @@ def random_engine(config: dict[str, Any], device: str, *, nf4: bool, max_num_seq
     model = build_model(MiniCPMVConfig.from_dict(config), tensors, device=device, dtype="bfloat16",
                         quantization="nf4" if nf4 else None)  # fmt: skip
     processor = ImageProcessor(PreprocessorConfig.from_dict(PREPROCESSOR_CONFIG))
-    engine_config = EngineConfig(max_num_seqs=max_num_seqs, max_total_tokens=max(131072, max_num_seqs * 4096))
+    engine_config = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=2048)
     return Engine(model, tokenizer, processor, engine_config)
 
 

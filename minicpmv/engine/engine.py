@@ -61,6 +61,9 @@ class EngineConfig:
 
     ``max_num_seqs``: sequences running together. ``max_num_batched_tokens``: tokens computed in one step
     (a decoding sequence takes one, prefill chunks the rest: a long prompt is prefilled over several steps).
+    ``max_prefill_attention_pairs``: query-key pairs prefill attention may take in one step (a chunk of q tokens
+    at context c takes about q * c); unset: no limit. It keeps long-context chunks short where attention is
+    the cost of a step (the CPU); see scheduler.py.
     ``max_waiting``: requests queued before ``submit`` raises QueueFullError. ``max_model_len``: context limit
     (default: the model's max_position_embeddings). ``block_size``: tokens per KV block. KV pool size:
     ``kv_cache_memory_mb`` if set, else on CUDA the free memory after loading times
@@ -73,6 +76,7 @@ class EngineConfig:
 
     max_num_seqs: int = 16
     max_num_batched_tokens: int = 512
+    max_prefill_attention_pairs: int | None = None
     max_waiting: int = 256
     max_model_len: int | None = None
     default_max_tokens: int = 2048
@@ -91,7 +95,7 @@ class EngineConfig:
                      "max_encoder_slices_per_step"):  # fmt: skip
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1")
-        for name in ("kv_cache_memory_mb", "num_kv_blocks"):
+        for name in ("kv_cache_memory_mb", "num_kv_blocks", "max_prefill_attention_pairs"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1 (or unset)")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -109,7 +113,8 @@ class Engine:
                                   num_kv_blocks=cfg.num_kv_blocks, gpu_memory_utilization=cfg.gpu_memory_utilization,
                                   attention_backend=cfg.attention_backend)  # fmt: skip
         self.block_manager = BlockManager(self.runner.pool.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens,
+                                   cfg.max_prefill_attention_pairs)  # fmt: skip
         self.max_model_len = cfg.max_model_len or model.config.max_position_embeddings
         self.vision_cache = VisionCache(cfg.vision_cache_size)
         self.grammars = GrammarCompilerCache(tokenizer, model.config.vocab_size)

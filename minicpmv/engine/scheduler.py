@@ -28,10 +28,12 @@ logger = logging.getLogger(__name__)
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_prefill_attention_pairs: int | None = None):  # fmt: skip
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_prefill_attention_pairs = max_prefill_attention_pairs
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the newest is preempted first
         self.num_preemptions = 0
@@ -48,6 +50,7 @@ class Scheduler:
 
     def schedule(self, images_ready: Callable[[Sequence], bool]) -> list[ScheduledSeq]:
         budget = self.max_num_batched_tokens
+        self._pairs_left = self.max_prefill_attention_pairs
         batch: list[ScheduledSeq] = []
         for seq in list(self.running):
             if seq not in self.running or seq.is_prefilling:
@@ -59,9 +62,10 @@ class Scheduler:
             if budget <= 0:
                 break
             if seq.is_prefilling and images_ready(seq):
-                length = min(seq.prefill_target - seq.num_computed_tokens, budget)
-                batch.append(ScheduledSeq(seq, length))
-                budget -= length
+                length = self._chunk(seq, budget, first=not any(e.num_tokens > 1 for e in batch))
+                if length:
+                    batch.append(ScheduledSeq(seq, length))
+                    budget -= length
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             cached = self.blocks.cached_prefix(self.block_keys(seq), seq.num_tokens)
@@ -73,10 +77,27 @@ class Scheduler:
             seq.num_computed_tokens = len(cached) * self.block_size
             self.running.append(seq)
             if images_ready(seq):
-                length = min(seq.prefill_target - seq.num_computed_tokens, budget)
-                batch.append(ScheduledSeq(seq, length))
-                budget -= length
+                length = self._chunk(seq, budget, first=not any(e.num_tokens > 1 for e in batch))
+                if length:
+                    batch.append(ScheduledSeq(seq, length))
+                    budget -= length
         return batch
+
+    def _chunk(self, seq: Sequence, budget: int, first: bool) -> int:
+        """How many of ``seq``'s remaining prefill tokens this step takes: within the token ``budget`` and,
+        when set, the step's prefill attention budget (a chunk of q tokens after c computed ones attends
+        q * (c + q) query-key pairs; at long contexts that, not the token count, is a step's cost). The first
+        chunk of a step always gets at least one token, so that every prompt progresses."""
+        start = seq.num_computed_tokens
+        length = min(seq.prefill_target - start, budget)
+        if self._pairs_left is None or length <= 0:
+            return max(length, 0)
+        while length > 1 and length * (start + length) > self._pairs_left:
+            length = max(1, self._pairs_left // (start + length))
+        if length * (start + length) > self._pairs_left and not first:
+            return 0
+        self._pairs_left = max(self._pairs_left - length * (start + length), 0)
+        return length
 
     def _make_room(self, seq: Sequence, batch: list[ScheduledSeq]) -> bool:
         """A slot for ``seq``'s next token, preempting the newest running sequences while none is free. False

@@ -73,7 +73,8 @@ def test_the_directory_is_named_after_the_model(model_dir):
     assert top_level(settings(model_dir, "configs/cpu.pbtxt"), "name") == model_dir.name
 
 
-SIZING = {"max_num_seqs", "gpu_memory_utilization", "kv_cache_memory_mb", "max_num_batched_tokens"}
+SIZING = {"max_num_seqs", "gpu_memory_utilization", "kv_cache_memory_mb", "max_num_batched_tokens",
+          "max_prefill_attention_pairs"}
 
 
 @models
