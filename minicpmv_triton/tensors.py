@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
 import json
 import re
@@ -28,6 +29,7 @@ from PIL import Image
 from minicpmv.engine.errors import InvalidRequestError
 from minicpmv.engine.request import Delta, GenerationRequest
 from minicpmv.engine.sampling import SamplingParams
+from minicpmv.engine.vision_cache import ENCODED_DIGEST
 
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 MAX_IMAGE_PIXELS = 50_000_000
@@ -82,8 +84,12 @@ def _flag(tensors: dict[str, np.ndarray], name: str, default: bool = False) -> b
     return bool(value)
 
 
-def decode_image(data: bytes | str, index: int) -> Image.Image:
-    """Encoded image bytes (or base64 / data-URL text of them) -> RGB-able PIL image, with size limits."""
+def decode_image(data: bytes | str, index: int, lazy: bool = False) -> Image.Image:
+    """Encoded image bytes (or base64 / data-URL text of them) -> RGB-able PIL image, with size limits.
+
+    The sha256 of the encoded bytes goes into ``image.info`` (the engine's cache key). ``lazy``: only the
+    header is read here (format, size limits); the pixels are decoded by the engine when its vision cache
+    does not have the image already (a follow-up about the same page skips the decode)."""
     raw = data if isinstance(data, bytes) else data.encode()
     if _DATA_URL.match(raw[:64].decode("latin-1")) or not _looks_binary(raw):
         text = _DATA_URL.sub("", raw.decode("latin-1").strip(), count=1)
@@ -102,7 +108,9 @@ def decode_image(data: bytes | str, index: int) -> Image.Image:
                 raise InvalidRequestError(
                     f"image {index}: {width}x{height} pixels, more than the limit of {MAX_IMAGE_PIXELS}"
                 )
-            image.load()
+            image.info[ENCODED_DIGEST] = hashlib.sha256(raw).hexdigest()
+            if not lazy:
+                image.load()
     except InvalidRequestError:
         raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
@@ -163,7 +171,7 @@ def parse_request(request_id: str, tensors: dict[str, np.ndarray]) -> ParsedRequ
     raw_images = [] if images_array is None else list(np.asarray(images_array).reshape(-1))
     if len(raw_images) > MAX_IMAGES:
         raise InvalidRequestError(f"{len(raw_images)} images; at most {MAX_IMAGES} per request")
-    images = [decode_image(bytes(x) if not isinstance(x, str) else x, i) for i, x in enumerate(raw_images)]
+    images = [decode_image(bytes(x) if not isinstance(x, str) else x, i, lazy=True) for i, x in enumerate(raw_images)]
     sampling_text = _scalar(tensors, "sampling_parameters")
     sampling, max_slice_nums = parse_sampling(
         None if sampling_text is None else _text(sampling_text, "sampling_parameters")

@@ -226,7 +226,7 @@ class Engine:
                 prompt, pil_images = chat.prompt, chat.images
             else:
                 prompt, pil_images = request.prompt, list(request.images)
-            images = [self._image_input(image, max_slice_nums) for image in pil_images]
+            images = [self._image_input(image, max_slice_nums, i) for i, image in enumerate(pil_images)]
             encoded = self.processor.encode(prompt, [i.processed for i in images], max_slice_nums)
         except (ChatFormatError, ValueError) as e:
             raise InvalidRequestError(str(e)) from e
@@ -266,11 +266,17 @@ class Engine:
             ))  # fmt: skip
         return state
 
-    def _image_input(self, image, max_slice_nums) -> ImageInput:
+    def _image_input(self, image, max_slice_nums, index: int) -> ImageInput:
+        """The image's cached layout and embeddings, or its slices. An image opened lazily (header only) is
+        decoded here, on a miss only; a file that does not decode is the request's error."""
         key = image_key(image, max_slice_nums)
         cached = self.vision_cache.get(key)
         if cached is not None:
             return ImageInput(key, cached.layout, cached.embeds)
+        try:
+            image.load()
+        except (OSError, SyntaxError) as e:
+            raise ValueError(f"image {index}: not a decodable image ({type(e).__name__}: {e})") from e
         return ImageInput(key, self.processor.image_processor.preprocess(image, max_slice_nums))
 
     def _generator(self, seed: int | None) -> torch.Generator:

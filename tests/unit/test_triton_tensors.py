@@ -453,3 +453,18 @@ def test_all_outputs_together():
     out = response_tensors(parsed, delta(), "t")
     assert set(out) == {"text_output", "index", "finish_reason", "num_input_tokens", "num_output_tokens", "logprobs"}
     assert all(array.shape == (1, 1) for array in out.values())
+
+
+def test_request_images_are_opened_lazily_and_keyed_by_their_bytes():
+    """The pixels are decoded by the engine on a vision-cache miss only; the key is the encoded bytes'."""
+    import hashlib
+
+    from minicpmv.engine.vision_cache import ENCODED_DIGEST, image_key
+
+    parsed = parse_request("r", {"text_input": np.array([[b"(<image>./</image>) What?"]], dtype=np.object_),
+                                 "image": np.array([[PNG]], dtype=np.object_)})  # fmt: skip
+    image = parsed.generation.images[0]
+    assert image.info[ENCODED_DIGEST] == hashlib.sha256(PNG).hexdigest()
+    assert image.tile  # not decoded yet: PIL clears the tile list once it has decoded the pixels
+    assert image_key(image, 9) != image_key(image, 4)  # the slicing setting is part of the key
+    assert image_key(image, 9) == image_key(decode_image(PNG, 0, lazy=True), 9)
