@@ -66,7 +66,9 @@ def metric(url: str, name: str) -> float:
 
 
 async def stream(client: httpx.AsyncClient, body: dict[str, Any]) -> tuple[float, list[float], str]:
-    """(send time, content-delta arrival times, text) of one streamed request."""
+    """(send time, arrival times of the chunks that carry tokens, text) of one streamed request. A token whose
+    text is held back (part of a UTF-8 character, a possible stop string) comes without content; with
+    ``logprobs`` every token's chunk arrives, so the times are per token."""
     sent = time.perf_counter()
     stamps, text = [], []
     async with client.stream("POST", "/chat/completions", json=body | {"stream": True}) as response:
@@ -78,10 +80,11 @@ async def stream(client: httpx.AsyncClient, body: dict[str, Any]) -> tuple[float
             event = json.loads(line[6:])
             if "error" in event:
                 raise RuntimeError(f"error event: {event['error']}")
-            content = event["choices"][0]["delta"].get("content") if event.get("choices") else None
-            if content:
+            choice = event["choices"][0] if event.get("choices") else {}
+            content = choice.get("delta", {}).get("content")
+            if content or choice.get("logprobs"):
                 stamps.append(time.perf_counter())
-                text.append(content)
+                text.append(content or "")
     return sent, stamps, "".join(text)
 
 
@@ -131,7 +134,7 @@ async def stall(base_url: str, checkpoint: Path, streams: int, long_tokens: int)
     async with httpx.AsyncClient(base_url=base_url + "/v1", timeout=900, limits=limits) as client:
 
         def short(k: int) -> dict[str, Any]:
-            return {"model": MODEL, "max_tokens": 200, "temperature": 0, "ignore_eos": True,
+            return {"model": MODEL, "max_tokens": 200, "temperature": 0, "ignore_eos": True, "logprobs": True,
                     "messages": [{"role": "user", "content": f"Tell story number {k}."}]}  # fmt: skip
 
         alone = await asyncio.gather(*(stream(client, short(k)) for k in range(streams)))

@@ -50,7 +50,10 @@ class Scheduler:
 
     def schedule(self, images_ready: Callable[[Sequence], bool]) -> list[ScheduledSeq]:
         budget = self.max_num_batched_tokens
-        self._pairs_left = self.max_prefill_attention_pairs
+        # The attention budget protects decoding sequences from long steps; with none decoding, prefill runs
+        # at the full token budget.
+        decoding = any(not seq.is_prefilling for seq in self.running)
+        self._pairs_left = self.max_prefill_attention_pairs if decoding else None
         batch: list[ScheduledSeq] = []
         for seq in list(self.running):
             if seq not in self.running or seq.is_prefilling:
