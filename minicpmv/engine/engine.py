@@ -70,7 +70,8 @@ class EngineConfig:
     ``gpu_memory_utilization``, on the CPU 1024 MB; ``num_kv_blocks`` overrides both with an exact block count
     (tests, exact sizing). ``enable_prefix_caching``: share the KV of identical
     prompt prefixes (images included) between requests. ``max_encoder_slices_per_step``: image slices
-    encoded per step while other sequences decode (all at once when none does). ``attention_backend``:
+    encoded per step while other sequences decode (all at once when none does); unset: a prefill chunk's
+    worth, ``max_num_batched_tokens // 64`` (each slice becomes 64 positions). ``attention_backend``:
     "auto", "reference" or "varlen" (attention.py).
     """
 
@@ -87,15 +88,15 @@ class EngineConfig:
     num_kv_blocks: int | None = None
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
-    max_encoder_slices_per_step: int = 2
+    max_encoder_slices_per_step: int | None = None
     attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "default_max_tokens", "block_size",
-                     "max_encoder_slices_per_step"):  # fmt: skip
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "default_max_tokens", "block_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1")
-        for name in ("kv_cache_memory_mb", "num_kv_blocks", "max_prefill_attention_pairs"):
+        for name in ("kv_cache_memory_mb", "num_kv_blocks", "max_prefill_attention_pairs",
+                     "max_encoder_slices_per_step"):  # fmt: skip
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1 (or unset)")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -150,8 +151,9 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
-        """Requests not admitted yet (read from other threads: a snapshot)."""
-        return len(self._incoming) + len({seq.request for seq in list(self.scheduler.waiting)})
+        """Requests not handed to the scheduler yet plus sequences waiting for admission (a snapshot: lengths
+        only, safe from any thread)."""
+        return len(self._incoming) + len(self.scheduler.waiting)
 
     def stats(self) -> dict[str, float]:
         """Counters and gauges for metrics: KV blocks, prefix-cache tokens looked up and found, preemptions."""
@@ -352,14 +354,14 @@ class Engine:
             self._requests.pop(state.request_id, None)
 
     def _encode_images(self) -> None:
-        """Encode the next image slices of admitted requests, oldest first: at most
-        ``max_encoder_slices_per_step`` while other sequences decode (so that they are held back by about one
-        prefill chunk), everything pending when none does."""
+        """Encode the next image slices of admitted requests, oldest first: while other sequences decode, a
+        prefill chunk's worth (``_encoder_budget``), so that they are held back about as long as by a chunk;
+        everything pending when none decodes."""
         states = list(dict.fromkeys(seq.request for seq in self.scheduler.running if not seq.request.images_ready))
         if not states:
             return
         decoding = any(not seq.is_prefilling for seq in self.scheduler.running)
-        budget = self.config.max_encoder_slices_per_step if decoding else 1 << 30
+        budget = self._encoder_budget() if decoding else 1 << 30
         work: list[tuple[ImageInput, int, int]] = []  # (image, first slice, slice count)
         for image in (image for state in states for image in state.images if image.embeds is None):
             if budget <= 0:
@@ -385,6 +387,15 @@ class Engine:
                 image.processed = replace(image.processed, chunks=[])  # the pixels are no longer needed
         for state in states:
             self._vision_ready(state)
+
+    def _encoder_budget(self) -> int:
+        """Slices to encode in a step while others decode: ``max_encoder_slices_per_step`` if set, else a
+        prefill chunk's worth counted as vLLM counts encoder work, by the embeddings produced: each slice
+        yields ``query_num`` (64) LLM positions, so ``max_num_batched_tokens // 64`` slices (8 at the CPU
+        configs' 512, 32 at the GPU configs' 2048: three pages)."""
+        if self.config.max_encoder_slices_per_step is not None:
+            return self.config.max_encoder_slices_per_step
+        return max(1, self.config.max_num_batched_tokens // self.model.config.query_num)
 
     def _process(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Sample one token per sequence, emit deltas, retire the finished."""
@@ -416,3 +427,4 @@ class Engine:
             text += seq.detokenizer.flush()
         return Delta(state.request_id, seq.index, text, [token], seq.prompt_len, len(seq.output_ids),
                      seq.finish_reason, [logprob] if logprob is not None else None)
+

@@ -230,3 +230,27 @@ def test_cancelled_streaming_request_stops_generating(server):
     time.sleep(0.5)
     assert metric(server, "minicpmv_generated_tokens_total", model) - tokens_before == generated
     assert generated < 500
+
+
+def test_metrics_show_kv_usage_and_prefix_cache_hits_of_a_repeated_page(server, client):
+    """The same page asked about twice: the second prompt's leading blocks come from the prefix cache, and the
+    engine's KV gauges are published (the metrics are read from Triton's metrics port)."""
+    model = "minicpm_v_2_6"
+    assert metric(server, "minicpmv_kv_cache_blocks", model) > 0
+    hits0 = metric(server, "minicpmv_prefix_cache_hits_total", model)
+    queries0 = metric(server, "minicpmv_prefix_cache_queries_total", model)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which totals differ?"}]}]
+    for _ in range(2):
+        responses = run_stream(client, model, build_inputs(messages=messages, images=[page_png()],
+                                                          sampling={"max_tokens": 2, "temperature": 0}))
+        assert text_of(responses) is not None
+
+    def hits_published() -> bool:
+        return metric(server, "minicpmv_prefix_cache_hits_total", model) - hits0 >= 64  # a page's worth at least
+
+    deadline = time.monotonic() + 10
+    while not hits_published() and time.monotonic() < deadline:  # published by the model every 50 ms
+        time.sleep(0.05)
+    assert hits_published()
+    assert metric(server, "minicpmv_prefix_cache_queries_total", model) - queries0 >= 2 * 64
+    assert 0.0 <= metric(server, "minicpmv_kv_cache_usage_ratio", model) <= 1.0
