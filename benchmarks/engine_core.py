@@ -96,8 +96,8 @@ def page_url(index: int) -> str:
 
 async def follow_up(base_url: str, metrics_url: str, pages: int) -> dict[str, Any]:
     rows = []
-    hits0, queries0 = metric(metrics_url, "minicpmv_prefix_cache_hits_total"), 0.0
-    queries0 = metric(metrics_url, "minicpmv_prefix_cache_queries_total")
+    hits_name, queries_name = "minicpmv_prefix_cache_hits_total", "minicpmv_prefix_cache_queries_total"
+    hits0, queries0 = metric(metrics_url, hits_name), metric(metrics_url, queries_name)
     async with httpx.AsyncClient(base_url=base_url + "/v1", timeout=600) as client:
         for index in range(pages):
             image = {"type": "image_url", "image_url": {"url": page_url(100 + index)}}
@@ -105,19 +105,19 @@ async def follow_up(base_url: str, metrics_url: str, pages: int) -> dict[str, An
             body = {"model": MODEL, "max_tokens": 16, "temperature": 0}
             sent, stamps, answer = await stream(client, body | {"messages": first_turn})
             first = stamps[0] - sent
-            hits = metric(metrics_url, "minicpmv_prefix_cache_hits_total")
+            hits = metric(metrics_url, hits_name)
             second_turn = [*first_turn, {"role": "assistant", "content": answer},
                            {"role": "user", "content": "And which region reports it?"}]  # fmt: skip
             sent, stamps, _ = await stream(client, body | {"messages": second_turn})
             rows.append({"page": index, "ttft_first_ms": round(1000 * first, 1),
                          "ttft_follow_up_ms": round(1000 * (stamps[0] - sent), 1),
-                         "follow_up_hit_tokens": metric(metrics_url, "minicpmv_prefix_cache_hits_total") - hits})  # fmt: skip
+                         "follow_up_hit_tokens": metric(metrics_url, hits_name) - hits})  # fmt: skip
     first = statistics.median(r["ttft_first_ms"] for r in rows)
     again = statistics.median(r["ttft_follow_up_ms"] for r in rows)
     return {"pages": rows, "ttft_first_median_ms": first, "ttft_follow_up_median_ms": again,
             "ratio": round(again / first, 3),
-            "prefix_cache_hit_tokens": metric(metrics_url, "minicpmv_prefix_cache_hits_total") - hits0,
-            "prefix_cache_query_tokens": metric(metrics_url, "minicpmv_prefix_cache_queries_total") - queries0}  # fmt: skip
+            "prefix_cache_hit_tokens": metric(metrics_url, hits_name) - hits0,
+            "prefix_cache_query_tokens": metric(metrics_url, queries_name) - queries0}  # fmt: skip
 
 
 def gaps(stamps: list[float]) -> list[float]:
@@ -158,6 +158,67 @@ async def stall(base_url: str, checkpoint: Path, streams: int, long_tokens: int)
             "long_prompt_ttft_s": round(long_stamps[0] - sent, 2)}  # fmt: skip
 
 
+def engine_stall(checkpoint: Path, streams: int, long_tokens: int) -> dict[str, Any]:
+    """The same measurement at engine level (in this process, no Triton, no HTTP), with the CPU config's
+    engine settings: what the scheduler controls, without the other processes of the stack competing for
+    the same two cores."""
+    import threading
+
+    import torch
+
+    from minicpmv.engine.engine import Engine, EngineConfig
+    from minicpmv.engine.request import GenerationRequest
+    from minicpmv.engine.sampling import SamplingParams
+    from minicpmv.tokenizer import load_tokenizer
+
+    torch.set_num_threads(2)
+    engine = Engine.from_pretrained(checkpoint, dtype="float32", config=EngineConfig(
+        max_num_batched_tokens=512, max_prefill_attention_pairs=400_000, kv_cache_memory_mb=1024))  # fmt: skip
+    unit = "The quarterly report lists revenue, costs and risks. "
+    long_text = unit * (long_tokens // len(load_tokenizer(checkpoint).encode(unit, add_special_tokens=False)))
+
+    def request(text: str, tokens: int) -> GenerationRequest:
+        sampling = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+        return GenerationRequest(f"stall-{time.monotonic_ns()}", messages=[{"role": "user", "content": text}],
+                                 sampling=sampling)  # fmt: skip
+
+    def run(with_long: bool) -> tuple[list[float], float | None]:
+        stamps: list[list[float]] = [[] for _ in range(streams)]
+
+        def consume(k: int) -> None:
+            for _ in engine.submit(request(f"Tell story number {k}.", 200)):
+                stamps[k].append(time.perf_counter())
+
+        threads = [threading.Thread(target=consume, args=(k,)) for k in range(streams)]
+        for thread in threads:
+            thread.start()
+        ttft = None
+        if with_long:
+            time.sleep(1.0)
+            sent = time.perf_counter()
+            handle = engine.submit(request(long_text, 4))
+            first = next(iter(handle))
+            ttft = time.perf_counter() - sent
+            assert first.prompt_tokens > long_tokens // 2
+            for _ in handle:
+                pass
+        for thread in threads:
+            thread.join()
+        return [g for s in stamps for g in gaps(s)], ttft
+
+    try:
+        alone, _ = run(False)
+        during, ttft = run(True)
+    finally:
+        engine.shutdown()
+    median = statistics.median(alone)
+    return {"median_gap_alone_ms": round(1000 * median, 2), "max_gap_alone_ms": round(1000 * max(alone), 2),
+            "median_gap_with_long_ms": round(1000 * statistics.median(during), 2),
+            "max_gap_with_long_ms": round(1000 * max(during), 2),
+            "ratio_max_with_long_to_median_alone": round(max(during) / median, 2),
+            "long_prompt_ttft_s": round(ttft, 2)}  # fmt: skip
+
+
 def render(report: dict[str, Any]) -> str:
     f, s = report["follow_up"], report["stall"]
     lines = [f"# Engine core on the demo stack, {report['date']}", "", report["hardware"], "",
@@ -165,7 +226,8 @@ def render(report: dict[str, Any]) -> str:
              f"Median time to first token: first question {f['ttft_first_median_ms']} ms, follow-up "
              f"{f['ttft_follow_up_median_ms']} ms: **{f['ratio']}x** (target <= 0.2). Prefix cache: "
              f"{f['prefix_cache_hit_tokens']:.0f} of {f['prefix_cache_query_tokens']:.0f} prompt tokens found.", "",
-             "| page | TTFT first ms | TTFT follow-up ms | follow-up tokens from the prefix cache |", "|---|---|---|---|"]
+             "| page | TTFT first ms | TTFT follow-up ms | follow-up tokens from the prefix cache |",
+             "|---|---|---|---|"]
     lines += [f"| {r['page']} | {r['ttft_first_ms']} | {r['ttft_follow_up_ms']} | {r['follow_up_hit_tokens']:.0f} |"
               for r in f["pages"]]  # fmt: skip
     lines += ["", "## A long prompt arriving while 8 requests stream", "",
@@ -174,6 +236,11 @@ def render(report: dict[str, Any]) -> str:
               f"{s['max_gap_with_long_ms']} ms while a ~{s['long_prompt_tokens_target']}-token prompt is prefilled "
               f"(its time to first token: {s['long_prompt_ttft_s']} s). Largest gap with it / median without: "
               f"**{s['ratio_max_with_long_to_median_alone']}x** (target <= 3)."]  # fmt: skip
+    e = report["stall_engine"]
+    lines += ["", f"The same at engine level (no Triton, no HTTP, no other process on the two cores): median gap "
+              f"{e['median_gap_alone_ms']} ms alone, largest {e['max_gap_with_long_ms']} ms with the long prompt "
+              f"(its time to first token {e['long_prompt_ttft_s']} s): "
+              f"**{e['ratio_max_with_long_to_median_alone']}x**."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -188,9 +255,10 @@ def main(argv: list[str] | None = None) -> int:
         base_url, metrics_url, checkpoint = stack
         follow = asyncio.run(follow_up(base_url, metrics_url, args.pages))
         stalls = asyncio.run(stall(base_url, checkpoint, args.streams, args.long_tokens))
+        engine_stalls = engine_stall(checkpoint, args.streams, args.long_tokens)
     report = {"benchmark": "engine_core", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "hardware": f"{platform.processor() or platform.machine()}, Python {platform.python_version()}",
-              "follow_up": follow, "stall": stalls}  # fmt: skip
+              "follow_up": follow, "stall": stalls, "stall_engine": engine_stalls}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "engine_core_cpu.json").write_text(json.dumps(report, indent=2) + "\n")
     text = render(report)

@@ -24,10 +24,8 @@ from minicpmv.config import MiniCPMVConfig, QuantizationConfig
 from minicpmv.devtools.reference_config import full_config, tiny_config
 from minicpmv.loading import load_model, quantized_linear_names
 from minicpmv.modeling.minicpmv import MiniCPMV
+from tests.unit.test_loading import prompt  # random known ids around one image chunk's placeholders
 
-UNK_ID = 128244  # the image placeholder token
-IMAGE_BOUND = (8, 72)  # half-open, query_num = 64 positions
-TGT_SIZE = (2, 3)  # patches (h, w) of the one image chunk
 AVX512_BF16 = bool(has_avx512bf16())
 
 
@@ -50,21 +48,6 @@ def write_random_checkpoint(directory: Path, config_dict: dict, seed: int = 0) -
     (directory / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
     return directory
-
-
-def prompt(with_image: bool) -> dict:
-    """Random known ids around a run of 64 <unk>, with one image chunk where they stand if ``with_image``."""
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 1000, (1, 80), generator=gen)
-    start, end = IMAGE_BOUND
-    ids[0, start:end] = UNK_ID
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if with_image:
-        h, w = TGT_SIZE
-        inputs["pixel_values"] = [[torch.randn(3, 14, 14 * h * w, generator=gen)]]
-        inputs["tgt_sizes"] = [torch.tensor([[h, w]])]
-        inputs["image_bounds"] = [torch.tensor([[start, end]])]
-    return inputs
 
 
 def linear4bit_modules(model: torch.nn.Module) -> dict[str, bnb.nn.Linear4bit]:
