@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from minicpmv.engine.engine import EngineConfig
+from minicpmv.engine.config import EngineConfig
 
 # Engine parameters are EngineConfig's fields, typed by its annotations: one definition, no copy here.
 _ENGINE_FIELDS = {f.name: str(f.type) for f in fields(EngineConfig)}

@@ -162,8 +162,8 @@ def golden_request_states(engine, case_name: str, inputs: dict[str, Any], max_ne
                                 repetition_penalty=1.0)  # fmt: skip
         request = GenerationRequest(f"golden-{case_name}-{b}-{next(_request_ids)}", prompt="", sampling=params)
         state = RequestState(request, ids, bounds, images, max_new_tokens, None)
-        state.content_spans = engine._content_spans(images, bounds)
-        engine._vision_ready(state)
+        state.content_spans = engine.encoder.content_spans(images, bounds)
+        engine.encoder.finish(state)
         state.sequences.append(Sequence(request=state, index=0, prompt_ids=ids, generator=None,
                                         detokenizer=IncrementalDetokenizer(_NoTokenizer(), ids, [])))  # fmt: skip
         states.append(state)

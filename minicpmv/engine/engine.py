@@ -8,7 +8,8 @@ the way serving needs them. Ours is small and owns every one of those features.
 The parts, as nano-vllm splits them: ``scheduler.py`` decides what each step computes (admission,
 chunked prefill under a token budget, preemption), ``block_manager.py`` owns the KV blocks and the
 prefix cache, ``kv_pool.py`` the KV tensors (allocated once), ``model_runner.py`` runs a packed step,
-``sampler.py`` picks tokens, and this file keeps the lifecycle: ``submit`` (validation and CPU work
+``encoder.py`` encodes images a few slices per step, ``sampler.py`` picks tokens, and this file
+keeps the lifecycle (limits in ``config.py``): ``submit`` (validation and CPU work
 on the caller's thread, so a bad request fails there with an exception), the loop (cancellations,
 a few image slices encoded per step, one scheduled step, output processing), ``cancel``, ``shutdown``.
 """
@@ -20,13 +21,14 @@ import os
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 
 import torch
 
 from minicpmv.chat import ChatFormatError, format_chat
 from minicpmv.engine.block_manager import BlockManager
+from minicpmv.engine.config import EngineConfig
 from minicpmv.engine.detokenizer import IncrementalDetokenizer
+from minicpmv.engine.encoder import ImageEncoder
 from minicpmv.engine.errors import (
     ContextLengthError,
     EngineStoppedError,
@@ -40,7 +42,6 @@ from minicpmv.engine.request import (
     Delta,
     GenerationRequest,
     GenerationResult,
-    ImageInput,
     RequestHandle,
     RequestState,
     Sequence,
@@ -48,59 +49,11 @@ from minicpmv.engine.request import (
 from minicpmv.engine.sampler import LogitsProcessor
 from minicpmv.engine.scheduler import Scheduler
 from minicpmv.engine.structured import GrammarCompilerCache, GrammarState
-from minicpmv.engine.vision_cache import VisionCache, image_key
+from minicpmv.engine.vision_cache import VisionCache
 from minicpmv.image_processing import ImageProcessor
 from minicpmv.processing import MiniCPMVProcessor
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class EngineConfig:
-    """Limits of one engine (one model instance).
-
-    ``max_num_seqs``: sequences running together. ``max_num_batched_tokens``: tokens computed in one step
-    (a decoding sequence takes one, prefill chunks the rest: a long prompt is prefilled over several steps).
-    ``max_prefill_attention_pairs``: query-key pairs prefill attention may take in one step (a chunk of q tokens
-    at context c takes about q * c); unset: no limit. It keeps long-context chunks short where attention is
-    the cost of a step (the CPU); see scheduler.py.
-    ``max_waiting``: requests queued before ``submit`` raises QueueFullError. ``max_model_len``: context limit
-    (default: the model's max_position_embeddings). ``block_size``: tokens per KV block. KV pool size:
-    ``kv_cache_memory_mb`` if set, else on CUDA the free memory after loading times
-    ``gpu_memory_utilization``, on the CPU 1024 MB; ``num_kv_blocks`` overrides both with an exact block count
-    (tests, exact sizing). ``enable_prefix_caching``: share the KV of identical
-    prompt prefixes (images included) between requests. ``max_encoder_slices_per_step``: image slices
-    encoded per step while other sequences decode (all at once when none does); unset: a prefill chunk's
-    worth, ``max_num_batched_tokens // 64`` (each slice becomes 64 positions). ``attention_backend``:
-    "auto", "reference" or "varlen" (attention.py).
-    """
-
-    max_num_seqs: int = 16
-    max_num_batched_tokens: int = 512
-    max_prefill_attention_pairs: int | None = None
-    max_waiting: int = 256
-    max_model_len: int | None = None
-    default_max_tokens: int = 2048
-    vision_cache_size: int = 64
-    default_max_slice_nums: int | None = None
-    block_size: int = 16
-    kv_cache_memory_mb: int | None = None
-    num_kv_blocks: int | None = None
-    gpu_memory_utilization: float = 0.9
-    enable_prefix_caching: bool = True
-    max_encoder_slices_per_step: int | None = None
-    attention_backend: str = "auto"
-
-    def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "default_max_tokens", "block_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"EngineConfig.{name} must be >= 1")
-        for name in ("kv_cache_memory_mb", "num_kv_blocks", "max_prefill_attention_pairs",
-                     "max_encoder_slices_per_step"):  # fmt: skip
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"EngineConfig.{name} must be >= 1 (or unset)")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ValueError("EngineConfig.gpu_memory_utilization must be in (0, 1]")
 
 
 class Engine:
@@ -118,6 +71,8 @@ class Engine:
                                    cfg.max_prefill_attention_pairs)  # fmt: skip
         self.max_model_len = cfg.max_model_len or model.config.max_position_embeddings
         self.vision_cache = VisionCache(cfg.vision_cache_size)
+        slices = cfg.max_encoder_slices_per_step or max(1, cfg.max_num_batched_tokens // model.config.query_num)
+        self.encoder = ImageEncoder(model, image_processor, self.vision_cache, slices)
         self.grammars = GrammarCompilerCache(tokenizer, model.config.vocab_size)
         self.logits_processor = LogitsProcessor(tokenizer, model.config.vocab_size, self.runner.device)
         self._incoming: deque[RequestState] = deque()  # submitted, not yet handed to the scheduler
@@ -228,7 +183,7 @@ class Engine:
                 prompt, pil_images = chat.prompt, chat.images
             else:
                 prompt, pil_images = request.prompt, list(request.images)
-            images = [self._image_input(image, max_slice_nums, i) for i, image in enumerate(pil_images)]
+            images = [self.encoder.image_input(image, max_slice_nums, i) for i, image in enumerate(pil_images)]
             encoded = self.processor.encode(prompt, [i.processed for i in images], max_slice_nums)
         except (ChatFormatError, ValueError) as e:
             raise InvalidRequestError(str(e)) from e
@@ -253,8 +208,8 @@ class Engine:
                 raise InvalidRequestError(str(e)) from e
         state = RequestState(request, encoded.input_ids, encoded.image_bounds, images, max_tokens, callback)
         state.prompt = prompt
-        state.content_spans = self._content_spans(images, encoded.image_bounds)
-        self._vision_ready(state)
+        state.content_spans = self.encoder.content_spans(images, encoded.image_bounds)
+        self.encoder.finish(state)
         for index in range(params.n):
             seed = None if params.seed is None else params.seed + index
             state.sequences.append(Sequence(
@@ -268,44 +223,10 @@ class Engine:
             ))  # fmt: skip
         return state
 
-    def _image_input(self, image, max_slice_nums, index: int) -> ImageInput:
-        """The image's cached layout and embeddings, or its slices. An image opened lazily (header only) is
-        decoded here, on a miss only; a file that does not decode is the request's error."""
-        key = image_key(image, max_slice_nums)
-        cached = self.vision_cache.get(key)
-        if cached is not None:
-            return ImageInput(key, cached.layout, cached.embeds)
-        try:
-            image.load()
-        except (OSError, SyntaxError) as e:
-            raise ValueError(f"image {index}: not a decodable image ({type(e).__name__}: {e})") from e
-        return ImageInput(key, self.processor.image_processor.preprocess(image, max_slice_nums))
-
     def _generator(self, seed: int | None) -> torch.Generator:
         generator = torch.Generator(device=self.runner.device)
         generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
         return generator
-
-    @staticmethod
-    def _content_spans(images: list[ImageInput], bounds: list[tuple[int, int]]) -> list[tuple[int, int, str]]:
-        """(start, end, "<image key>#<slice>") of every slice placeholder span, in prompt order."""
-        spans, k = [], 0
-        for image in images:
-            for chunk in range(image.processed.num_chunks):
-                start, end = bounds[k]
-                spans.append((int(start), int(end), f"{image.key}#{chunk}"))
-                k += 1
-        return spans
-
-    def _vision_ready(self, state: RequestState) -> None:
-        """Once every image of ``state`` is encoded: the embedding rows for its placeholder positions."""
-        if not state.images or any(image.embeds is None for image in state.images):
-            return
-        positions = torch.cat([torch.arange(start, end) for start, end, _ in state.content_spans])
-        embeds = torch.cat([image.embeds for image in state.images])
-        state.vision_embeds = embeds.reshape(-1, embeds.shape[-1])
-        state.vision_positions = positions
-        state.vision_end = int(positions.max()) + 1
 
     # ---------------------------------------------------------------- the loop (engine thread)
 
@@ -321,7 +242,10 @@ class Engine:
             batch = []
             try:
                 self._drop_cancelled()
-                self._encode_images()
+                running = self.scheduler.running
+                pending = list(dict.fromkeys(seq.request for seq in running if not seq.request.images_ready))
+                if pending:
+                    self.encoder.step(pending, others_decoding=any(not seq.is_prefilling for seq in running))
                 batch = self.scheduler.schedule(lambda seq: seq.request.images_ready)
                 if batch:
                     logits = self.runner.execute(batch)
@@ -352,50 +276,6 @@ class Engine:
                                  seq.prompt_len, len(seq.output_ids), reason, None, error))
         with self._cv:
             self._requests.pop(state.request_id, None)
-
-    def _encode_images(self) -> None:
-        """Encode the next image slices of admitted requests, oldest first: while other sequences decode, a
-        prefill chunk's worth (``_encoder_budget``), so that they are held back about as long as by a chunk;
-        everything pending when none decodes."""
-        states = list(dict.fromkeys(seq.request for seq in self.scheduler.running if not seq.request.images_ready))
-        if not states:
-            return
-        decoding = any(not seq.is_prefilling for seq in self.scheduler.running)
-        budget = self._encoder_budget() if decoding else 1 << 30
-        work: list[tuple[ImageInput, int, int]] = []  # (image, first slice, slice count)
-        for image in (image for state in states for image in state.images if image.embeds is None):
-            if budget <= 0:
-                break
-            first = image.slices_done
-            count = min(image.processed.num_chunks - first, budget)
-            work.append((image, first, count))
-            budget -= count
-        pixels = [torch.from_numpy(chunk) for image, first, n in work
-                  for chunk in image.processed.chunks[first : first + n]]  # fmt: skip
-        sizes = torch.cat([torch.as_tensor(image.processed.tgt_sizes).reshape(-1, 2)[first : first + n]
-                           for image, first, n in work])  # fmt: skip
-        with torch.inference_mode():
-            encoded = self.model.encode_images(pixels, sizes)
-        offset = 0
-        for image, _, n in work:
-            image.encoded.append(encoded[offset : offset + n])
-            offset += n
-            if image.slices_done == image.processed.num_chunks:
-                image.embeds = torch.cat(image.encoded)
-                image.encoded = []
-                self.vision_cache.put(image.key, image.processed, image.embeds)
-                image.processed = replace(image.processed, chunks=[])  # the pixels are no longer needed
-        for state in states:
-            self._vision_ready(state)
-
-    def _encoder_budget(self) -> int:
-        """Slices to encode in a step while others decode: ``max_encoder_slices_per_step`` if set, else a
-        prefill chunk's worth counted as vLLM counts encoder work, by the embeddings produced: each slice
-        yields ``query_num`` (64) LLM positions, so ``max_num_batched_tokens // 64`` slices (8 at the CPU
-        configs' 512, 32 at the GPU configs' 2048: three pages)."""
-        if self.config.max_encoder_slices_per_step is not None:
-            return self.config.max_encoder_slices_per_step
-        return max(1, self.config.max_num_batched_tokens // self.model.config.query_num)
 
     def _process(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Sample one token per sequence, emit deltas, retire the finished."""

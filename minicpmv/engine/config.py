@@ -1,0 +1,57 @@
+"""The limits and knobs of one engine (one model instance), validated once.
+
+Every field is also a config.pbtxt parameter of the same name (minicpmv_triton/parameters.py reads them from
+here), so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    """Limits of one engine (one model instance).
+
+    ``max_num_seqs``: sequences running together. ``max_num_batched_tokens``: tokens computed in one step
+    (a decoding sequence takes one, prefill chunks the rest: a long prompt is prefilled over several steps).
+    ``max_prefill_attention_pairs``: query-key pairs prefill attention may take in one step (a chunk of q tokens
+    at context c takes about q * c); unset: no limit. It keeps long-context chunks short where attention is
+    the cost of a step (the CPU); see scheduler.py.
+    ``max_waiting``: requests queued before ``submit`` raises QueueFullError. ``max_model_len``: context limit
+    (default: the model's max_position_embeddings). ``block_size``: tokens per KV block. KV pool size:
+    ``kv_cache_memory_mb`` if set, else on CUDA the free memory after loading times
+    ``gpu_memory_utilization``, on the CPU 1024 MB; ``num_kv_blocks`` overrides both with an exact block count
+    (tests, exact sizing). ``enable_prefix_caching``: share the KV of identical
+    prompt prefixes (images included) between requests. ``max_encoder_slices_per_step``: image slices
+    encoded per step while other sequences decode (all at once when none does); unset: a prefill chunk's
+    worth, ``max_num_batched_tokens // 64`` (each slice becomes 64 positions). ``attention_backend``:
+    "auto", "reference" or "varlen" (attention.py).
+    """
+
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 512
+    max_prefill_attention_pairs: int | None = None
+    max_waiting: int = 256
+    max_model_len: int | None = None
+    default_max_tokens: int = 2048
+    vision_cache_size: int = 64
+    default_max_slice_nums: int | None = None
+    block_size: int = 16
+    kv_cache_memory_mb: int | None = None
+    num_kv_blocks: int | None = None
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    max_encoder_slices_per_step: int | None = None
+    attention_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "default_max_tokens", "block_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"EngineConfig.{name} must be >= 1")
+        for name in ("kv_cache_memory_mb", "num_kv_blocks", "max_prefill_attention_pairs",
+                     "max_encoder_slices_per_step"):  # fmt: skip
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"EngineConfig.{name} must be >= 1 (or unset)")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError("EngineConfig.gpu_memory_utilization must be in (0, 1]")
