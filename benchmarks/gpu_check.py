@@ -180,6 +180,9 @@ def stage_full(rec: Recorder, args: argparse.Namespace, nf4: bool) -> None:
         rec["weights_gib"] = round(speed.weight_bytes(engine.model) / GIB, 3)
         rec["decode_bytes_per_step_gib"] = round(speed.decode_bytes_per_step(engine.model) / GIB, 3)
         rec["memory_after_build_gib"] = round(speed.peak_memory_bytes(device) / GIB, 2)
+        pool = engine.runner.pool
+        rec["kv_pool"] = {"gib": round(pool.nbytes / GIB, 2), "tokens": pool.num_slots,
+                          "attention": engine.runner.attention.name}  # fmt: skip
         rec.step("warmup", lambda: speed.measure_decode(engine, 2, 4))
         speed.reset_peak_memory(device)
         for level in args.concurrency:

@@ -82,7 +82,8 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak allocated GPU memory since the last reset, or this process's peak RSS on the CPU."""
+    """Peak allocated GPU memory since the last reset (the KV pool included: it takes its share of the free
+    memory at start-up), or this process's peak RSS on the CPU."""
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
 
 
