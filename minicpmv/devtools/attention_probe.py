@@ -20,7 +20,10 @@ def _try(fn: Callable[[], object]) -> str:
     try:
         fn()
     except Exception as e:  # noqa: BLE001 (the reason is the answer)
-        return f"no: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        text = str(e).splitlines()[0] if str(e) else ""
+        if "No viable backend" in text:  # torch's words when the forced kernel can't take these inputs
+            return "no: not for these inputs (device, dtype, mask or head layout)"
+        return f"no: {type(e).__name__}: {text[:160]}"
     return "yes"
 
 
