@@ -115,7 +115,7 @@ class TritonPythonModel:
             sender.send(response, flags=FINAL)
 
     def _on_delta(self, active: _Active, delta: Delta) -> None:
-        """Runs on the engine thread."""
+        """Runs on the engine's output thread (never between two model steps)."""
         self._metrics.tokens.increment(len(delta.token_ids))
         if delta.error:
             self._fail(active.request_id, active.sender, delta.error, pb_utils.TritonError.INTERNAL)

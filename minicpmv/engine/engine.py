@@ -8,16 +8,18 @@ the way serving needs them. Ours is small and owns every one of those features.
 The parts, as nano-vllm splits them: ``scheduler.py`` decides what each step computes (admission,
 chunked prefill under a token budget, preemption), ``block_manager.py`` owns the KV blocks and the
 prefix cache, ``kv_pool.py`` the KV tensors (allocated once), ``model_runner.py`` runs a packed step,
-``encoder.py`` encodes images a few slices per step, ``sampler.py`` picks tokens, and this file
-keeps the lifecycle (limits in ``config.py``): ``submit`` (validation and CPU work
-on the caller's thread, so a bad request fails there with an exception), the loop (cancellations,
-a few image slices encoded per step, one scheduled step, output processing), ``cancel``, ``shutdown``.
+``encoder.py`` encodes images a few slices per step, ``sampler.py`` picks tokens,
+``output_processor.py`` turns them into text and deltas on a thread of its own, and this file
+keeps the lifecycle (limits in ``config.py``): ``submit`` (validation and CPU work on the caller's
+thread, so a bad request fails there with an exception), the loop (cancellations, a few image slices
+encoded per step, one scheduled step, sampling), ``cancel``, ``shutdown``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -36,6 +38,7 @@ from minicpmv.engine.errors import (
     QueueFullError,
 )
 from minicpmv.engine.model_runner import ModelRunner
+from minicpmv.engine.output_processor import OutputProcessor
 from minicpmv.engine.request import (
     FINISH_CANCELLED,
     FINISH_ERROR,
@@ -81,6 +84,8 @@ class Engine:
         self._stop = False
         self.num_generated_tokens = 0
         self.num_steps = 0
+        self._stopped_by_output: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
+        self.output = OutputProcessor(on_stopped=self._on_stopped)
         self._thread = threading.Thread(target=self._loop, name="minicpmv-engine", daemon=True)
         self._thread.start()
 
@@ -125,9 +130,9 @@ class Engine:
         }
 
     def submit(self, request: GenerationRequest, callback: Callable[[Delta], None] | None = None) -> RequestHandle:
-        """Validate and queue ``request``. Deltas go to ``callback`` (called on the engine thread) or,
-        without one, to the returned handle. Raises InvalidRequestError (incl. ContextLengthError),
-        QueueFullError or EngineStoppedError; nothing is queued then."""
+        """Validate and queue ``request``. Deltas go to ``callback`` (called on the output thread,
+        output_processor.py) or, without one, to the returned handle. Raises InvalidRequestError (incl.
+        ContextLengthError), QueueFullError or EngineStoppedError; nothing is queued then."""
         return self.enqueue(self.prepare(request, callback))
 
     def prepare(self, request: GenerationRequest, callback: Callable[[Delta], None] | None = None) -> RequestState:
@@ -168,6 +173,8 @@ class Engine:
         self._thread.join(timeout)
         for state in list(self._requests.values()):
             self._finish_request(state, FINISH_ERROR, "the engine was shut down")
+        self.output.drain(timeout)
+        self.output.shutdown(timeout)
 
     # ---------------------------------------------------------------- preparation (caller thread)
 
@@ -239,6 +246,8 @@ class Engine:
                     return
                 while self._incoming:
                     self.scheduler.add(self._incoming.popleft().sequences)
+            while not self._stopped_by_output.empty():  # stop strings, found by the output thread
+                self._retire(self._stopped_by_output.get(), "stop")
             batch = []
             try:
                 self._drop_cancelled()
@@ -272,39 +281,51 @@ class Engine:
         for seq in state.sequences:
             if seq.finish_reason is None:
                 seq.finish_reason = reason
-                state.emit(Delta(state.request_id, seq.index, seq.detokenizer.flush() if not error else "", [],
-                                 seq.prompt_len, len(seq.output_ids), reason, None, error))
+        self.output.finish(state, reason, error)
         with self._cv:
             self._requests.pop(state.request_id, None)
 
+    def _on_stopped(self, seq: Sequence) -> None:
+        """Output thread: a stop string ended ``seq``; the engine drops it before its next step."""
+        self._stopped_by_output.put(seq)
+        with self._cv:
+            self._cv.notify()
+
+    def _retire(self, seq: Sequence, reason: str) -> None:
+        if seq.finish_reason is not None:
+            return
+        seq.finish_reason = reason
+        self.scheduler.finish(seq)
+        state = seq.request
+        if all(s.finish_reason is not None for s in state.sequences):
+            with self._cv:
+                self._requests.pop(state.request_id, None)
+
     def _process(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        """Sample one token per sequence, emit deltas, retire the finished."""
+        """Sample one token per sequence, hand them to the output thread, retire the finished. Finishes that
+        need no text are decided here; stop strings by the output thread (``_on_stopped``)."""
         choices = self.logits_processor.choose_all(seqs, logits)
+        items = []
         for seq, (token, logprob) in zip(seqs, choices, strict=True):
-            delta = self._advance(seq, token, logprob)
-            seq.request.emit(delta)
-            if seq.finish_reason is not None:
-                self.scheduler.finish(seq)
-                state = seq.request
-                if all(s.finish_reason is not None for s in state.sequences):
-                    with self._cv:
-                        self._requests.pop(state.request_id, None)
+            reason = self._advance(seq, token, logprob)
+            items.append((seq, token, logprob, reason))
+            if reason is not None:
+                self._retire(seq, reason)
+        self.output.tokens(items)
         self.num_generated_tokens += len(seqs)
 
-    def _advance(self, seq: Sequence, token: int, logprob) -> Delta:
+    @staticmethod
+    def _advance(seq: Sequence, token: int, logprob) -> str | None:
+        """Append ``token``; the finish reason it causes, if any (stop token, grammar end, max_tokens)."""
         state = seq.request
         params = state.sampling
         seq.output_ids.append(token)
         if logprob is not None:
             seq.logprobs.append(logprob)
-        is_stop_token = token in params.stop_token_ids and not params.ignore_eos
-        text = "" if is_stop_token else seq.detokenizer.add(token)
-        if is_stop_token or seq.detokenizer.stopped or (seq.grammar is not None and seq.grammar.is_terminated()):
-            seq.finish_reason = "stop"
-        elif len(seq.output_ids) >= state.max_tokens:
-            seq.finish_reason = "length"
-        if seq.finish_reason is not None:
-            text += seq.detokenizer.flush()
-        return Delta(state.request_id, seq.index, text, [token], seq.prompt_len, len(seq.output_ids),
-                     seq.finish_reason, [logprob] if logprob is not None else None)
-
+        if (token in params.stop_token_ids and not params.ignore_eos) or (
+            seq.grammar is not None and seq.grammar.is_terminated()
+        ):
+            return "stop"
+        if len(seq.output_ids) >= state.max_tokens:
+            return "length"
+        return None

@@ -113,6 +113,9 @@ class Sequence:
     num_computed_tokens: int = 0
     block_keys: list[bytes] = field(default_factory=list)
     num_preemptions: int = 0
+    # Owned by the output thread (output_processor.py): tokens emitted, and whether the last delta went out.
+    num_emitted: int = 0
+    output_finished: bool = False
 
     @property
     def prompt_len(self) -> int:

@@ -250,3 +250,36 @@ def test_64_long_requests_through_a_pool_that_holds_8(tiny_full):
     assert all(r.choices[0].error is None and r.choices[0].finish_reason == "length" for r in results)
     assert [r.choices[0].token_ids for r in results] == expected
     assert tight.scheduler.num_preemptions > 0
+
+
+# ---------------------------------------------------------------- output processing off the engine thread
+
+
+def test_deltas_are_made_on_the_output_thread_and_a_slow_consumer_does_not_stop_the_steps(engine):
+    threads, steps_during_sleep, done = [], [], threading.Event()
+
+    def slow(delta):
+        threads.append(threading.current_thread().name)
+        if len(threads) == 1:
+            before = engine.num_steps
+            done.wait(0.5)  # a consumer that blocks (a slow client, a full socket)
+            steps_during_sleep.append(engine.num_steps - before)
+
+    handle = engine.submit(request("Keep writing.", max_tokens=40), callback=slow)
+    other = ids(engine, request("Meanwhile.", max_tokens=12))
+    assert len(other) == 12
+    engine.output.drain()
+    assert set(threads) == {"minicpmv-output"}
+    assert steps_during_sleep[0] >= 10  # the engine kept stepping while the consumer blocked
+    assert handle.prompt_tokens > 0
+
+
+def test_a_stop_string_ends_the_sequence_even_though_text_is_made_off_the_engine_thread(engine):
+    text = engine.generate(request("Count.", max_tokens=60)).choices[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    assert stop.strip(), text  # the random model writes something to cut at
+    result = engine.generate(request("Count.", max_tokens=60, stop=[stop]))
+    choice = result.choices[0]
+    assert choice.finish_reason == "stop" and stop not in choice.text
+    assert text.startswith(choice.text)
+    assert result.completion_tokens == len(choice.token_ids) < 60  # tokens sampled after the stop are not shown
