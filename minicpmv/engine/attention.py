@@ -28,51 +28,66 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class AttentionMetadata:
-    """Where a packed step's tokens go and what they see; built once per step, used by every layer."""
+    """Where a packed step's tokens go and what they see; built once per step, used by every layer.
+
+    Built with a fixed number of tensor operations whatever the batch (no per-sequence tensors), since at 64
+    sequences per-sequence work here was a millisecond of every step's host time.
+    """
 
     query_lens: list[int]
     context_lens: list[int]
     slot_mapping: torch.Tensor  # [T] pool slot of each new token
-    context_slots: list[torch.Tensor]  # per sequence [context_len] pool slots of its whole context
+    slots: torch.Tensor  # [B, W] pool slots of each sequence's blocks, in order (past its context: padding)
     decode_rows: torch.Tensor | None = None  # token index of each single-token sequence
-    decode_slots: torch.Tensor | None = None  # [Bd, Kmax] their contexts' slots, padded with slot 0
-    decode_mask: torch.Tensor | None = None  # [Bd, 1, 1, Kmax] True = a real key
+    decode_slots: torch.Tensor | None = None  # [Bd, Wd] their slots (Wd: their longest context, in blocks)
+    decode_mask: torch.Tensor | None = None  # [Bd, 1, 1, Wd] True = a real key
     prefills: list[tuple[int, int, int, int]] = field(default_factory=list)  # (seq, token start, q_len, ctx)
     _varlen: tuple | None = None  # (packed context slots, cu_seq_q, cu_seq_k, max_q, max_k), built on demand
 
     @classmethod
     def build(cls, query_lens: list[int], context_lens: list[int], block_tables: list[list[int]], block_size: int,
               device: torch.device) -> AttentionMetadata:  # fmt: skip
-        offsets = torch.arange(block_size)
-        context_slots, new_slots = [], []
-        for q, ctx, table in zip(query_lens, context_lens, block_tables, strict=True):
-            blocks = torch.tensor(table[: -(-ctx // block_size)], dtype=torch.long)
-            slots = (blocks[:, None] * block_size + offsets).flatten()[:ctx]
-            context_slots.append(slots)
-            new_slots.append(slots[ctx - q :])
-        meta = cls(query_lens, context_lens, torch.cat(new_slots).to(device), [s.to(device) for s in context_slots])
-        decode = [b for b, q in enumerate(query_lens) if q == 1]
-        starts = [0]
-        for q in query_lens:
-            starts.append(starts[-1] + q)
+        widths = [-(-ctx // block_size) for ctx in context_lens]
+        width = max(widths)
+        rows = [table[:w] + [0] * (width - w) for table, w in zip(block_tables, widths, strict=True)]
+        table = torch.tensor(rows, dtype=torch.long, device=device)
+        slots = (table[:, :, None] * block_size + torch.arange(block_size, device=device)).view(len(rows), -1)
+        seq_index, positions, starts, decode = [], [], [], []
+        total = 0
+        for b, (q, ctx) in enumerate(zip(query_lens, context_lens, strict=True)):
+            seq_index.extend([b] * q)
+            positions.extend(range(ctx - q, ctx))
+            starts.append(total)
+            total += q
+            if q == 1:
+                decode.append(b)
+        slot_mapping = slots[torch.tensor(seq_index, device=device), torch.tensor(positions, device=device)]
+        meta = cls(query_lens, context_lens, slot_mapping, slots)
         if decode:
-            longest = max(context_lens[b] for b in decode)
-            slots = torch.zeros(len(decode), longest, dtype=torch.long)
-            mask = torch.zeros(len(decode), 1, 1, longest, dtype=torch.bool)
-            for row, b in enumerate(decode):
-                slots[row, : context_lens[b]] = context_slots[b]
-                mask[row, 0, 0, : context_lens[b]] = True
+            index = torch.tensor(decode, dtype=torch.long, device=device)
+            lengths = torch.tensor([context_lens[b] for b in decode], device=device)
             meta.decode_rows = torch.tensor([starts[b] for b in decode], dtype=torch.long, device=device)
-            meta.decode_slots, meta.decode_mask = slots.to(device), mask.to(device)
+            # Only as wide as the longest decoding context: a long prompt prefilled in the same step must not
+            # make every decoding sequence gather (and mask) its whole width.
+            width_decode = max(widths[b] for b in decode) * block_size
+            meta.decode_slots = slots[:, :width_decode].index_select(0, index)
+            keys = torch.arange(width_decode, device=device)
+            meta.decode_mask = (keys[None, :] < lengths[:, None])[:, None, None, :]
         meta.prefills = [(b, starts[b], q, context_lens[b]) for b, q in enumerate(query_lens) if q != 1]
         return meta
+
+    def context_slots(self, b: int) -> torch.Tensor:
+        """Sequence ``b``'s whole context, in order: [context_len] pool slots."""
+        return self.slots[b, : self.context_lens[b]]
 
     def varlen_inputs(self) -> tuple:
         if self._varlen is None:
             device = self.slot_mapping.device
+            lengths = torch.tensor(self.context_lens, device=device)
+            packed = self.slots[torch.arange(self.slots.shape[1], device=device)[None, :] < lengths[:, None]]
             cu_q = torch.tensor([0, *self.query_lens], device=device).cumsum(0, dtype=torch.int32)
             cu_k = torch.tensor([0, *self.context_lens], device=device).cumsum(0, dtype=torch.int32)
-            self._varlen = (torch.cat(self.context_slots), cu_q, cu_k, max(self.query_lens), max(self.context_lens))
+            self._varlen = (packed, cu_q, cu_k, max(self.query_lens), max(self.context_lens))
         return self._varlen
 
 
@@ -97,7 +112,7 @@ class ReferenceAttention:
                 value = v[start : start + length].transpose(0, 1)[None]
                 result = F.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True)
             else:
-                slots = meta.context_slots[b]
+                slots = meta.context_slots(b)
                 key, value = keys[slots].transpose(0, 1)[None], values[slots].transpose(0, 1)[None]
                 rows = torch.arange(length, device=q.device)[:, None] + (ctx - length)
                 mask = torch.arange(ctx, device=q.device)[None, :] <= rows  # bottom-right causal

@@ -74,7 +74,7 @@ class ModelRunner:
         for entry in batch:
             seq, start, length = entry.seq, entry.seq.num_computed_tokens, entry.num_tokens
             ids.extend(seq.token_ids_range(start, start + length))
-            positions.append(torch.arange(start, start + length))
+            positions.extend(range(start, start + length))
             query_lens.append(length)
             context_lens.append(start + length)
             tables.append(seq.block_table)
@@ -91,7 +91,7 @@ class ModelRunner:
         for offset, where, rows in vision:
             embeds[(where + offset).to(device)] = rows.to(device=device, dtype=embeds.dtype)
         meta = AttentionMetadata.build(query_lens, context_lens, tables, self.pool.block_size, device)
-        hidden = self._layers(embeds, torch.cat(positions).to(device), meta)
+        hidden = self._layers(embeds, torch.tensor(positions, device=device), meta)
         rows = torch.tensor(sample_rows, dtype=torch.long, device=device)
         return self._logits(self.model.llm.model.norm(hidden.index_select(0, rows)))
 

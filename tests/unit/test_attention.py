@@ -13,11 +13,15 @@ from minicpmv.engine.kv_pool import KVPool, PoolShape
 def test_slot_mapping_and_context_slots_follow_the_block_tables():
     meta = AttentionMetadata.build([1, 3], [6, 5], [[7, 2], [4, 9]], block_size=4, device=torch.device("cpu"))
     # sequence 0: tokens 0..5 in blocks 7 (slots 28-31) and 2 (slots 8-9); its new token is token 5 -> slot 9
-    assert meta.context_slots[0].tolist() == [28, 29, 30, 31, 8, 9]
+    assert meta.context_slots(0).tolist() == [28, 29, 30, 31, 8, 9]
     # sequence 1: tokens 0..4 in blocks 4 (16-19) and 9 (36); new tokens 2, 3, 4 -> slots 18, 19, 36
-    assert meta.context_slots[1].tolist() == [16, 17, 18, 19, 36]
+    assert meta.context_slots(1).tolist() == [16, 17, 18, 19, 36]
     assert meta.slot_mapping.tolist() == [9, 18, 19, 36]
-    assert meta.decode_rows.tolist() == [0] and meta.decode_mask.shape == (1, 1, 1, 6)
+    assert meta.decode_rows.tolist() == [0] and meta.decode_mask.shape == (1, 1, 1, 8)
+    assert meta.decode_mask[0, 0, 0].tolist() == [True] * 6 + [False] * 2
+    packed, cu_q, cu_k, max_q, max_k = meta.varlen_inputs()
+    assert packed.tolist() == [28, 29, 30, 31, 8, 9, 16, 17, 18, 19, 36]
+    assert (cu_q.tolist(), cu_k.tolist(), max_q, max_k) == ([0, 1, 4], [0, 6, 11], 3, 6)
     assert meta.prefills == [(1, 1, 3, 5)]
 
 
@@ -45,7 +49,7 @@ def test_reference_attention_equals_dense_attention_for_mixed_steps():
     out = ReferenceAttention()(q, k, v, pool.keys[0], pool.values[0], meta)
     start = 0
     for b, (length, ctx) in enumerate(zip(query_lens, context_lens, strict=True)):
-        slots = meta.context_slots[b]
+        slots = meta.context_slots(b)
         expected = dense(q[start : start + length], pool.keys[0][slots], pool.values[0][slots], ctx - length)
         torch.testing.assert_close(out[start : start + length], expected, atol=1e-5, rtol=1e-5)
         start += length
@@ -62,3 +66,9 @@ def test_the_pool_allocates_exactly_its_budget_in_whole_blocks():
     allocated = sum(t.numel() * t.element_size() for t in (*pool.keys, *pool.values))
     assert allocated == pool.nbytes == pool.num_blocks * shape.bytes_per_block
     assert budget - shape.bytes_per_block < allocated <= budget
+
+
+def test_decoding_sequences_gather_only_their_own_widths():
+    tables = [[1], [2, 3, 4, 5, 6, 7, 8, 9]]  # a short decoding context beside a long prefill chunk
+    meta = AttentionMetadata.build([1, 16], [3, 32], tables, block_size=4, device=torch.device("cpu"))
+    assert meta.decode_slots.shape == (1, 4) and meta.slots.shape == (2, 32)
