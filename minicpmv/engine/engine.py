@@ -18,7 +18,6 @@ encoded per step, one scheduled step, sampling), ``cancel``, ``shutdown``.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 from collections import deque
@@ -223,16 +222,17 @@ class Engine:
                 request=state,
                 index=index,
                 prompt_ids=encoded.input_ids,
-                generator=self._generator(seed) if not params.greedy else None,
+                generator=self._generator(seed) if seed is not None and not params.greedy else None,
                 detokenizer=IncrementalDetokenizer(self.tokenizer, encoded.input_ids, params.stop),
                 grammar=GrammarState(grammar) if grammar is not None else None,
                 logprobs=[] if params.logprobs else None,
             ))  # fmt: skip
         return state
 
-    def _generator(self, seed: int | None) -> torch.Generator:
+    def _generator(self, seed: int) -> torch.Generator:
+        """A seeded choice's own randomness (the sampler draws unseeded rows from a shared generator)."""
         generator = torch.Generator(device=self.runner.device)
-        generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+        generator.manual_seed(seed)
         return generator
 
     # ---------------------------------------------------------------- the loop (engine thread)
@@ -304,7 +304,7 @@ class Engine:
     def _process(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Sample one token per sequence, hand them to the output thread, retire the finished. Finishes that
         need no text are decided here; stop strings by the output thread (``_on_stopped``)."""
-        choices = self.logits_processor.choose_all(seqs, logits)
+        choices = self.logits_processor.choose_all(seqs, logits)  # the step's one device -> host transfer
         items = []
         for seq, (token, logprob) in zip(seqs, choices, strict=True):
             reason = self._advance(seq, token, logprob)

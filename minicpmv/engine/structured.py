@@ -174,6 +174,13 @@ class GrammarState:
         bitmask = self._bitmask.to(logits.device, non_blocking=True)
         xgr.apply_token_bitmask_inplace(logits.unsqueeze(0), bitmask)
 
+    def fill_bitmask(self, bitmask: torch.Tensor, index: int) -> bool:
+        """Fill row ``index`` of a batch bitmask (``xgr.allocate_token_bitmask(B, vocab_size)``) with the
+        tokens allowed next; False if every token is. Raises ValueError once the grammar has terminated."""
+        if self._matcher.is_terminated():
+            raise ValueError("the grammar has terminated; no further token is allowed")
+        return self._matcher.fill_next_token_bitmask(bitmask, index)
+
     def allowed_mask(self) -> torch.Tensor:
         """The tokens allowed next, as a bool tensor of shape (vocab_size,) on the CPU."""
         logits = torch.zeros(self.vocab_size)
