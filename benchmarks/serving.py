@@ -94,8 +94,11 @@ def data_url(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def make_bodies(workload: str, indices: range, model: str, max_tokens: int) -> list[dict[str, Any]]:
-    """Streaming chat requests with a fixed output length; distinct text (and page) for every index."""
+def make_bodies(workload: str, indices: range, model: str, max_tokens: int,
+                sampling: str = "greedy") -> list[dict[str, Any]]:  # fmt: skip
+    """Streaming chat requests with a fixed output length; distinct text (and page) for every index. ``sampling``
+    "greedy" (temperature 0, no repetition penalty) or "default" (nothing set: the model's own temperature 0.7,
+    top_p 0.8, top_k 100, repetition_penalty 1.05, what a request that sets nothing gets)."""
     bodies = []
     for i in indices:
         if workload == "text":
@@ -104,12 +107,15 @@ def make_bodies(workload: str, indices: range, model: str, max_tokens: int) -> l
         else:
             page = {"type": "image_url", "image_url": {"url": data_url(document_page(i))}}
             content = [page, {"type": "text", "text": QUESTIONS[i % len(QUESTIONS)]}]
-        bodies.append({
+        body = {
             "model": model, "messages": [{"role": "user", "content": content}], "stream": True,
-            "stream_options": {"include_usage": True}, "max_tokens": max_tokens, "temperature": 0,
-            # extensions (both servers): fixed-length output, plain greedy (the engine's default penalty is 1.05)
-            "min_tokens": max_tokens, "ignore_eos": True, "repetition_penalty": 1.0,
-        })  # fmt: skip
+            "stream_options": {"include_usage": True}, "max_tokens": max_tokens,
+            # extensions (both servers): fixed-length output
+            "min_tokens": max_tokens, "ignore_eos": True,
+        }  # fmt: skip
+        if sampling == "greedy":  # plain greedy (the engine's default penalty is 1.05)
+            body |= {"temperature": 0, "repetition_penalty": 1.0}
+        bodies.append(body)
     return bodies
 
 
@@ -371,12 +377,13 @@ def run_benchmark(args: argparse.Namespace, endpoints: list[Endpoint]) -> Measur
     next_index = 0
     for workload in args.workloads:
         print(f"{workload}: preparing requests and warming up", flush=True)
-        warmup = make_bodies(workload, range(100_000, 100_002), args.model, args.max_tokens)
+        warmup = make_bodies(workload, range(100_000, 100_002), args.model, args.max_tokens, args.sampling)
         for endpoint in endpoints:
             asyncio.run(run_level(endpoint.base_url, warmup, 2))
         for level in args.concurrency:
             count = args.requests_per_level or max(2 * level, 4)
-            bodies = make_bodies(workload, range(next_index, next_index + count), args.model, args.max_tokens)
+            bodies = make_bodies(workload, range(next_index, next_index + count), args.model, args.max_tokens,
+                                 args.sampling)  # fmt: skip
             next_index += count  # distinct pages everywhere: the engine's vision cache never hits
             for endpoint in endpoints:
                 row = measure(endpoint, workload, level, bodies)
@@ -540,6 +547,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--requests-per-level", type=int, metavar="N", help="requests per level (default: max(2C, 4))")
     add("--max-tokens", type=int, default=64, help="output tokens per request (default: 64)")
     add("--workloads", default="text,image", help="comma-separated: text, image (default: text,image)")
+    add("--sampling", choices=("greedy", "default"), default="greedy",
+        help="greedy, or the model's default sampling (nothing set; ours only: the baseline is greedy)")
     add("--dtype", help="model dtype (default: float32 on cpu, auto = bf16 on gpu)")
     add("--engine-threads", type=int, default=2, help="cpu: OMP_NUM_THREADS of tritonserver (default: 2)")
     add("--baseline-threads", type=int, default=2, help="cpu: torch threads of the baseline (default: 2)")
@@ -615,6 +624,7 @@ def main(argv: list[str] | None = None) -> int:
             "concurrency_levels": args.concurrency,
             "requests_per_level": args.requests_per_level or "max(2C, 4)",
             "workloads": args.workloads,
+            "sampling": args.sampling,
             "image": "one synthetic 1344x1344 document page (PNG data URL) per request",
             "engine_threads": args.engine_threads,
             "baseline_threads": args.baseline_threads,
