@@ -188,6 +188,9 @@ def stage_full(rec: Recorder, args: argparse.Namespace, nf4: bool) -> None:
         for level in args.concurrency:
             rec.step(f"decode_c{level}", lambda level=level: speed.measure_decode(engine, level, args.output_tokens,
                                                                                    bandwidth))  # fmt: skip
+        top = max(args.concurrency)
+        rec.step(f"decode_c{top}_default_sampling", lambda: speed.measure_decode(
+            engine, top, args.output_tokens, bandwidth, sampling="default"))  # fmt: skip
         rec.step("page_warmup", lambda: speed.measure_page(engine, args.page_size, seed=12))
         rec.step("page", lambda: speed.measure_page(engine, args.page_size, seed=13))
         rec["peak_memory_gib"] = round(speed.peak_memory_bytes(device) / GIB, 2)

@@ -42,10 +42,11 @@ def render_markdown(summary: dict[str, Any]) -> str:
         lines += ["", f"## {name}", "", ", ".join(f"{k}: {v}" for k, v in head.items())]
         rows = [v for k, v in results.items() if k.startswith("decode_c") and isinstance(v, dict) and v.get("passed")]
         if rows:
-            lines += ["", "| concurrent | output tok/s (decode) | end to end | step ms | bound tok/s | % of bound |",
-                      "|---|---|---|---|---|---|"]  # fmt: skip
+            lines += ["", "| concurrent | sampling | output tok/s (decode) | end to end | step ms | bound tok/s | "
+                      "% of bound |", "|---|---|---|---|---|---|---|"]  # fmt: skip
             for r in rows:
-                lines.append(f"| {r['concurrency']} | {_fmt(r.get('decode_tok_s'))} | {_fmt(r.get('e2e_tok_s'))} | "
+                lines.append(f"| {r['concurrency']} | {r.get('sampling', 'greedy')} | {_fmt(r.get('decode_tok_s'))} | "
+                             f"{_fmt(r.get('e2e_tok_s'))} | "
                              f"{_fmt(r.get('decode_step_ms'))} | {_fmt(r.get('bandwidth_bound_tok_s'))} | "
                              f"{_fmt(r.get('percent_of_bound'))} |")  # fmt: skip
         for key in ("page", "text", "image_448"):

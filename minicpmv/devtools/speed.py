@@ -130,16 +130,20 @@ def _consume(handle) -> tuple[list[float], Any]:
     return stamps, last
 
 
-def measure_decode(engine, concurrency: int, output_tokens: int, bandwidth: float | None = None) -> dict[str, Any]:
-    """``concurrency`` greedy text requests submitted together, each decoding exactly ``output_tokens``.
+def measure_decode(engine, concurrency: int, output_tokens: int, bandwidth: float | None = None,
+                   sampling: str = "greedy") -> dict[str, Any]:  # fmt: skip
+    """``concurrency`` text requests submitted together, each decoding exactly ``output_tokens``, greedy or with
+    the model's default sampling (``sampling="default"``: temperature 0.7, top_p 0.8, top_k 100, repetition
+    penalty 1.05, what a request that sets nothing gets).
 
     Returns output tokens/s end to end (submit to last token) and in the decode phase (from the moment every
     request has its first token to the end: steps with all sequences running), the decode step time, and, given
     ``bandwidth`` (bytes/s), the bandwidth-bound tokens/s and the percentage of it reached.
     """
     device = engine.runner.device
+    params = {"temperature": 0, "repetition_penalty": 1.0} if sampling == "greedy" else {}
     requests = [_request(f"Request {k}: summarise the {TOPICS[k % len(TOPICS)]} of the attached letter.",
-                         temperature=0, max_tokens=output_tokens, ignore_eos=True, repetition_penalty=1.0)
+                         max_tokens=output_tokens, ignore_eos=True, **params)
                 for k in range(concurrency)]  # fmt: skip
     outcomes: list[tuple[list[float], Any]] = [([], None)] * concurrency
 
@@ -163,6 +167,7 @@ def measure_decode(engine, concurrency: int, output_tokens: int, bandwidth: floa
     decode_tok_s = concurrency * (output_tokens - 1) / decode_s if output_tokens > 1 and decode_s > 0 else None
     row: dict[str, Any] = {
         "concurrency": concurrency,
+        "sampling": sampling,
         "output_tokens": output_tokens,
         "prompt_tokens": outcomes[0][1].prompt_tokens,
         "e2e_tok_s": round(tokens / (end - start), 1),

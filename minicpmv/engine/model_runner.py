@@ -118,5 +118,7 @@ class ModelRunner:
         16 on the tiny model), and it is most of a decode step there."""
         head = self.model.llm.lm_head
         if hidden.device.type == "cpu" and type(head) is torch.nn.Linear and head.bias is None:
-            return torch.mm(head.weight, hidden.T).T.float()
+            # Made contiguous: row-wise work on the transposed view (the sampler's argmax, top-k, softmax over
+            # [B, V]) strides by B and was 5-7x slower at batch 64 than the copy costs.
+            return torch.mm(head.weight, hidden.T).T.float().contiguous()
         return head(hidden).float()

@@ -71,7 +71,9 @@ def test_full_stages_measure_decode_levels_and_a_page(smoke):
         for level in (1, 4):
             row = results[f"decode_c{level}"]
             assert row["passed"] and row["concurrency"] == level and row["output_tokens"] == 8
-            assert row["decode_tok_s"] > 0 and row["e2e_tok_s"] > 0
+            assert row["decode_tok_s"] > 0 and row["e2e_tok_s"] > 0 and row["sampling"] == "greedy"
+        sampled = results["decode_c4_default_sampling"]
+        assert sampled["passed"] and sampled["sampling"] == "default" and sampled["concurrency"] == 4
         page = results["page"]
         assert page["image"] == "1344x1344" and page["slices"] == 10  # the default slicing of a 1344 page
         assert 650 < page["prompt_tokens"] < 800  # ~715 prompt tokens, as MODEL_FACTS counts
