@@ -248,13 +248,14 @@ class Engine:
                     self.scheduler.add(self._incoming.popleft().sequences)
             while not self._stopped_by_output.empty():  # stop strings, found by the output thread
                 self._retire(self._stopped_by_output.get(), "stop")
-            batch = []
+            batch, pending = [], []
             try:
                 self._drop_cancelled()
                 running = self.scheduler.running
                 pending = list(dict.fromkeys(seq.request for seq in running if not seq.request.images_ready))
                 if pending:
                     self.encoder.step(pending, others_decoding=any(not seq.is_prefilling for seq in running))
+                pending = []
                 batch = self.scheduler.schedule(lambda seq: seq.request.images_ready)
                 if batch:
                     logits = self.runner.execute(batch)
@@ -263,7 +264,10 @@ class Engine:
                     self._process([entry.seq for entry in batch if entry.sample], logits)
             except Exception as e:  # a failed step fails its requests, never the engine
                 logger.exception("engine step failed")
-                states = {entry.seq.request for entry in batch} or {s.request for s in self.scheduler.running}
+                # The requests of the failed part: those being encoded, or those in the step (the pool's other
+                # blocks are intact); the whole running set only if the failure came from elsewhere.
+                states = set(pending) or {entry.seq.request for entry in batch}
+                states = states or {s.request for s in self.scheduler.running}
                 for state in states:
                     for seq in state.sequences:
                         self.scheduler.finish(seq)

@@ -283,3 +283,22 @@ def test_a_stop_string_ends_the_sequence_even_though_text_is_made_off_the_engine
     assert choice.finish_reason == "stop" and stop not in choice.text
     assert text.startswith(choice.text)
     assert result.completion_tokens == len(choice.token_ids) < 60  # tokens sampled after the stop are not shown
+
+
+def test_a_failing_image_encode_fails_that_request_only(tiny_full):
+    eng = Engine.from_pretrained(tiny_full, dtype="float32")
+    try:
+        text = eng.submit(request("Keep going.", max_tokens=60))
+        stream = iter(text)
+        next(stream)  # decoding
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("vision tower exploded")
+
+        eng.encoder.model = type("Broken", (), {"encode_images": staticmethod(broken)})()
+        failed = eng.generate(request("Total?", [page(50)], max_tokens=4))
+        assert "vision tower exploded" in failed.choices[0].error
+        rest = list(stream)
+        assert rest[-1].finish_reason == "length" and rest[-1].completion_tokens == 60
+    finally:
+        eng.shutdown()
