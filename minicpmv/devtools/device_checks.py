@@ -32,6 +32,9 @@ GOLDEN_STOP_IDS = (151645, 151643)
 # is 3x that, for other kernels' summation orders (cuBLAS, flash / memory-efficient SDPA), and still far below
 # what a real bug does: a transposed sin-cos table or an unloaded norm moves the outputs by 30-60%.
 BF16_REL_TOL = 0.08
+# Engines of the checks take a small, fixed KV pool: on a GPU the default (90% of the free memory) would leave
+# no room for the next model a check loads in the same process.
+CHECK_KV_MB = 256
 # nf4 rounds every LLM weight by ~9% (relative L2); on the random tiny model that moves the logits by 0.3-0.5
 # (relative L2) against float32, while an unrelated model of the same architecture is at ~1.4.
 NF4_REL_TOL = 0.7
@@ -212,7 +215,8 @@ def golden_engine(model):
         write_tiny_tokenizer(Path(tmp))
         tokenizer = load_tokenizer(tmp)
     processor = ImageProcessor(PreprocessorConfig.from_dict(PREPROCESSOR_CONFIG))
-    engine = Engine(model, tokenizer, processor, EngineConfig(kv_cache_memory_mb=64, max_num_batched_tokens=128))
+    config = EngineConfig(kv_cache_memory_mb=CHECK_KV_MB, max_num_batched_tokens=128)
+    engine = Engine(model, tokenizer, processor, config)
     engine.logits_processor.invalid_bias.zero_()
     return engine
 
@@ -301,7 +305,7 @@ def check_nf4(full_checkpoint: Path, int4_checkpoint: Path, device: str) -> dict
     pre-quantized model generates through the engine with an image."""
     import bitsandbytes as bnb
 
-    from minicpmv.engine.engine import Engine
+    from minicpmv.engine.engine import Engine, EngineConfig
     from minicpmv.image_processing import ImageProcessor
     from minicpmv.loading import load_model
     from minicpmv.tokenizer import load_tokenizer
@@ -329,12 +333,13 @@ def check_nf4(full_checkpoint: Path, int4_checkpoint: Path, device: str) -> dict
             result[f"{label}_{'image' if image else 'text'}_rel_l2"] = error
             require(error <= NF4_REL_TOL, f"{label} ({'image' if image else 'text'}): nf4 logits off by {error:.3f}")
         if label == "prequantized":
-            engine = Engine(model, tokenizer, processor)
+            engine = Engine(model, tokenizer, processor, EngineConfig(kv_cache_memory_mb=CHECK_KV_MB))
             try:
                 out = engine.generate(_request("nf4", images=[document_page(4)], max_tokens=8, ignore_eos=True,
                                                temperature=0))  # fmt: skip
             finally:
                 engine.shutdown()
+                del engine  # it holds the model and its KV pool: release both before the next model loads
             require(out.completion_tokens == 8 and out.choices[0].finish_reason == "length",
                     f"nf4 engine generation: {out}")  # fmt: skip
             result["generated_ids"] = out.choices[0].token_ids
@@ -376,7 +381,8 @@ def check_engine(checkpoint: Path, device: str) -> dict[str, Any]:
     from minicpmv.engine.engine import Engine, EngineConfig
 
     def make(target: str) -> Engine:
-        return Engine.from_pretrained(checkpoint, device=target, dtype="float32", config=EngineConfig(max_num_seqs=8))
+        return Engine.from_pretrained(checkpoint, device=target, dtype="float32",
+                                      config=EngineConfig(max_num_seqs=8, kv_cache_memory_mb=CHECK_KV_MB))
 
     def probe():
         return _request("Who signed the form?", images=[document_page(1)], max_tokens=16, ignore_eos=True,
@@ -428,9 +434,10 @@ ANSWER_SCHEMA = {
 def check_json_and_seeds(checkpoint: Path, device: str) -> dict[str, Any]:
     """JSON-schema decoding on ``device`` gives output that parses and follows the schema; a seed reproduces
     the same sampled ids alone and inside a batch; another seed gives other ids."""
-    from minicpmv.engine.engine import Engine
+    from minicpmv.engine.engine import Engine, EngineConfig
 
-    engine = Engine.from_pretrained(checkpoint, device=device, dtype="float32")
+    engine = Engine.from_pretrained(checkpoint, device=device, dtype="float32",
+                                    config=EngineConfig(kv_cache_memory_mb=CHECK_KV_MB))
     try:
         require(engine.runner.device.type == torch.device(device).type, f"runner on {engine.runner.device}")
         answer = engine.generate(_request("Is the invoice paid?", images=[document_page(6)], max_tokens=256,

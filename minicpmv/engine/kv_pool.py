@@ -5,8 +5,8 @@ slots ``b * block_size ... (b + 1) * block_size - 1``. A token's K/V are written
 block table gives (``slot_mapping``) and stay there until the sequence leaves: joins, retirements,
 preemptions and cancellations only change block tables, never these tensors (CUDA graphs can capture them).
 
-Size: on CUDA the memory left after the weights times ``gpu_memory_utilization`` (vLLM's knob), unless
-``kv_cache_memory_mb`` is set; on the CPU ``kv_cache_memory_mb`` (default 1024). What is allocated is exactly
+Size: on CUDA ``gpu_memory_utilization`` of the GPU's memory less the weights (vLLM's knob, ``pool_bytes``),
+unless ``kv_cache_memory_mb`` is set; on the CPU ``kv_cache_memory_mb`` (default 1024). What is allocated is exactly
 what the budget says, rounded down to whole blocks.
 """
 
@@ -41,12 +41,17 @@ class PoolShape:
 
 
 def pool_bytes(device: torch.device, kv_cache_memory_mb: int | None, gpu_memory_utilization: float) -> int:
-    """The KV budget in bytes: explicit megabytes if given, else on CUDA ``free memory x utilization``."""
+    """The KV budget in bytes: explicit megabytes if given; else on CUDA, as vLLM, the share of the GPU's total
+    memory this instance may use (``gpu_memory_utilization``) less what this process already holds (the
+    weights), and never more than 95% of what is free now (another instance or process on the same GPU keeps
+    its memory: two models at 0.45 each share a GPU, and a second model at the default 0.9 gets what is left
+    instead of failing)."""
     if kv_cache_memory_mb is not None:
         return int(kv_cache_memory_mb) << 20
     if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free * gpu_memory_utilization)
+        free, total = torch.cuda.mem_get_info(device)
+        own = torch.cuda.memory_reserved(device)
+        return max(0, int(min(total * gpu_memory_utilization - own, free * 0.95)))
     return DEFAULT_CPU_KV_MB << 20
 
 

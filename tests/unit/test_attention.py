@@ -72,3 +72,17 @@ def test_decoding_sequences_gather_only_their_own_widths():
     tables = [[1], [2, 3, 4, 5, 6, 7, 8, 9]]  # a short decoding context beside a long prefill chunk
     meta = AttentionMetadata.build([1, 16], [3, 32], tables, block_size=4, device=torch.device("cpu"))
     assert meta.decode_slots.shape == (1, 4) and meta.slots.shape == (2, 32)
+
+
+def test_the_cuda_budget_is_a_share_of_the_gpu_less_the_weights_and_never_more_than_is_free(monkeypatch):
+    from minicpmv.engine.kv_pool import pool_bytes
+
+    gib = 1 << 30
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 16 * gib)  # this process: weights
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (124 * gib, 140 * gib))
+    assert pool_bytes(torch.device("cuda"), None, 0.9) == int(140 * gib * 0.9 - 16 * gib)
+    assert pool_bytes(torch.device("cuda"), None, 0.45) == int(140 * gib * 0.45 - 16 * gib)
+    # a second model on a GPU the first one mostly took: what is free, not a share it can't have
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * gib, 140 * gib))
+    assert pool_bytes(torch.device("cuda"), None, 0.9) == int(10 * gib * 0.95)
+    assert pool_bytes(torch.device("cuda"), 512, 0.9) == 512 << 20
