@@ -182,7 +182,8 @@ def stage_full(rec: Recorder, args: argparse.Namespace, nf4: bool) -> None:
         rec["memory_after_build_gib"] = round(speed.peak_memory_bytes(device) / GIB, 2)
         pool = engine.runner.pool
         rec["kv_pool"] = {"gib": round(pool.nbytes / GIB, 2), "tokens": pool.num_slots,
-                          "attention": engine.runner.attention.name}  # fmt: skip
+                          "attention": engine.runner.attention.name,
+                          "attention_step_ms": engine.runner.attention.timings_ms}  # fmt: skip
         rec.step("warmup", lambda: speed.measure_decode(engine, 2, 4))
         speed.reset_peak_memory(device)
         for level in args.concurrency:

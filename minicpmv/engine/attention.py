@@ -5,7 +5,8 @@ prefilling one) are concatenated, with no padding across sequences, ``[T, heads,
 brings ``query_lens[b]`` new tokens and, after them, has ``context_lens[b]`` tokens of KV in the pool; its new
 tokens sit at the end of its context (causal, aligned to the bottom right).
 
-Backends (``attention_backend`` picks one; "auto" = varlen on CUDA when it passes a self-test, else reference):
+Backends (``attention_backend`` picks one; "auto" = on CUDA the faster of the two, timed at start-up, varlen only
+if it passes a self-test; on the CPU the reference):
 * ``ReferenceAttention``: SDPA over the sequence's blocks gathered from the pool. Decoding sequences go in one
   batched call (keys padded to the longest context and masked); each prefill chunk in a call of its own (a
   first chunk without cached prefix uses its own keys, causal, with no gather). Exact in float32; the CPU path.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import inspect
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +95,7 @@ class AttentionMetadata:
 
 class ReferenceAttention:
     name = "reference"
+    timings_ms: dict[str, float] | None = None  # set when chosen by timing (select_backend)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                  meta: AttentionMetadata) -> torch.Tensor:  # fmt: skip
@@ -123,6 +126,7 @@ class ReferenceAttention:
 
 class VarlenAttention:
     name = "varlen"
+    timings_ms: dict[str, float] | None = None
 
     def __init__(self):
         from torch.nn.attention.varlen import varlen_attn  # ImportError where this torch has none
@@ -151,8 +155,11 @@ class VarlenAttention:
 
 
 def select_backend(name: str, device: torch.device, dtype: torch.dtype):
-    """The backend ``name`` asks for ("auto", "reference", "varlen"). "auto" on CUDA takes varlen when it
-    imports and agrees with the reference on a self-test (mixed decode and prefill, cached prefix, GQA)."""
+    """The backend ``name`` asks for ("auto", "reference", "varlen"). "auto" on CUDA tries varlen: it must
+    import and agree with the reference on a self-test (mixed decode and prefill, cached prefix, GQA); then the
+    faster of the two on a step of MiniCPM-V's shape is taken (measured here, at start-up: torch's kernels
+    differ by version and GPU, so nothing is assumed). The choice and the timings are logged and kept on the
+    backend (``timings_ms``)."""
     if name == "reference" or (name == "auto" and device.type != "cuda"):
         return ReferenceAttention()
     if name not in ("auto", "varlen"):
@@ -162,13 +169,55 @@ def select_backend(name: str, device: torch.device, dtype: torch.dtype):
         error = _self_test(backend, device, dtype)
     except Exception as e:  # noqa: BLE001 (any failure means: not usable here)
         error = f"{type(e).__name__}: {e}"
-    if error is None:
-        logger.info("attention: FlashAttention varlen over gathered blocks")
-        return backend
+    if error is not None:
+        if name == "varlen":
+            raise RuntimeError(f"attention backend 'varlen' is not usable here: {error}")
+        logger.warning("attention: varlen is not usable here (%s); using the reference SDPA path", error)
+        return ReferenceAttention()
     if name == "varlen":
-        raise RuntimeError(f"attention backend 'varlen' is not usable here: {error}")
-    logger.warning("attention: varlen is not usable here (%s); using the reference SDPA path", error)
-    return ReferenceAttention()
+        return backend
+    try:
+        chosen = fastest([backend, ReferenceAttention()], lambda b: _time_step(b, device, dtype))
+    except Exception as e:  # noqa: BLE001 (timing is an optimisation: keep the validated kernel)
+        logger.warning("attention: timing failed (%s); using varlen", e)
+        return backend
+    logger.info("attention: %s (step times %s ms)", chosen.name, chosen.timings_ms)
+    return chosen
+
+
+def fastest(backends: list, time_ms) -> Any:
+    """The backend with the smallest ``time_ms(backend)``; every backend gets ``timings_ms`` (all of them)."""
+    timings = {b.name: round(time_ms(b), 3) for b in backends}
+    for b in backends:
+        b.timings_ms = timings
+    return min(backends, key=lambda b: timings[b.name])
+
+
+def _time_step(backend, device: torch.device, dtype: torch.dtype, repeats: int = 5) -> float:
+    """Milliseconds of one layer's attention for a typical serving step: 32 decoding sequences with 1,024
+    tokens of context and one 512-token prefill chunk after 1,536 cached tokens (28 query heads, 4 KV heads,
+    head_dim 128)."""
+    block_size, heads, kv_heads, dim = 16, 28, 4, 128
+    query_lens = [1] * 32 + [512]
+    context_lens = [1024] * 32 + [2048]
+    per_seq = [-(-ctx // block_size) for ctx in context_lens]
+    tables, next_block = [], 0
+    for blocks in per_seq:
+        tables.append(list(range(next_block, next_block + blocks)))
+        next_block += blocks
+    keys = torch.randn(next_block * block_size, kv_heads, dim, device=device, dtype=dtype)
+    values = torch.randn_like(keys)
+    meta = AttentionMetadata.build(query_lens, context_lens, tables, block_size, device)
+    q = torch.randn(sum(query_lens), heads, dim, device=device, dtype=dtype)
+    k, v = keys[meta.slot_mapping], values[meta.slot_mapping]
+    backend(q, k, v, keys, values, meta)  # warm-up
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        backend(q, k, v, keys, values, meta)
+    end.record()
+    torch.cuda.synchronize(device)
+    return start.elapsed_time(end) / repeats
 
 
 def _self_test(backend, device: torch.device, dtype: torch.dtype) -> str | None:

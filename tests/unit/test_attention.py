@@ -86,3 +86,17 @@ def test_the_cuda_budget_is_a_share_of_the_gpu_less_the_weights_and_never_more_t
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * gib, 140 * gib))
     assert pool_bytes(torch.device("cuda"), None, 0.9) == int(10 * gib * 0.95)
     assert pool_bytes(torch.device("cuda"), 512, 0.9) == 512 << 20
+
+
+def test_auto_takes_the_faster_backend_and_keeps_the_timings():
+    from minicpmv.engine.attention import fastest
+
+    class Fake:
+        timings_ms = None
+
+        def __init__(self, name):
+            self.name = name
+
+    slow, quick = Fake("varlen"), Fake("reference")
+    chosen = fastest([slow, quick], lambda b: {"varlen": 3.0, "reference": 1.5}[b.name])
+    assert chosen is quick and slow.timings_ms == quick.timings_ms == {"varlen": 3.0, "reference": 1.5}
