@@ -75,9 +75,10 @@ class OutputProcessor:
         seq.num_emitted += 1
         is_stop_token = reason == "stop" and token in params.stop_token_ids and not params.ignore_eos
         text = "" if is_stop_token else seq.detokenizer.add(token)
-        if reason is None and seq.detokenizer.stopped:
-            reason = "stop"
-            self._on_stopped(seq)
+        if seq.detokenizer.stopped and reason != "stop":
+            if reason is None:  # the engine does not know yet
+                self._on_stopped(seq)
+            reason = "stop"  # a stop string wins over max_tokens reached on the same token, as OpenAI reports it
         if reason is not None:
             text += seq.detokenizer.flush()
             seq.output_finished = True
