@@ -124,12 +124,16 @@ def gaps(stamps: list[float]) -> list[float]:
     return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
 
 
-async def stall(base_url: str, checkpoint: Path, streams: int, long_tokens: int) -> dict[str, Any]:
+def long_prompt(checkpoint: Path, tokens: int) -> str:
+    """Text of about ``tokens`` tokens for the checkpoint's tokenizer."""
     from minicpmv.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(checkpoint)
     unit = "The quarterly report lists revenue, costs and risks. "
-    long_text = unit * (long_tokens // len(tokenizer.encode(unit, add_special_tokens=False)))
+    return unit * (tokens // len(load_tokenizer(checkpoint).encode(unit, add_special_tokens=False)))
+
+
+async def stall(base_url: str, checkpoint: Path, streams: int, long_tokens: int) -> dict[str, Any]:
+    long_text = long_prompt(checkpoint, long_tokens)
     limits = httpx.Limits(max_connections=streams + 2)
     async with httpx.AsyncClient(base_url=base_url + "/v1", timeout=900, limits=limits) as client:
 
@@ -169,13 +173,11 @@ def engine_stall(checkpoint: Path, streams: int, long_tokens: int) -> dict[str, 
     from minicpmv.engine.engine import Engine, EngineConfig
     from minicpmv.engine.request import GenerationRequest
     from minicpmv.engine.sampling import SamplingParams
-    from minicpmv.tokenizer import load_tokenizer
 
     torch.set_num_threads(2)
     engine = Engine.from_pretrained(checkpoint, dtype="float32", config=EngineConfig(
         max_num_batched_tokens=512, max_prefill_attention_pairs=400_000, kv_cache_memory_mb=1024))  # fmt: skip
-    unit = "The quarterly report lists revenue, costs and risks. "
-    long_text = unit * (long_tokens // len(load_tokenizer(checkpoint).encode(unit, add_special_tokens=False)))
+    long_text = long_prompt(checkpoint, long_tokens)
 
     def request(text: str, tokens: int) -> GenerationRequest:
         sampling = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)

@@ -201,6 +201,7 @@ def stage_full(rec: Recorder, args: argparse.Namespace, nf4: bool) -> None:
 
 def stage_checkpoints(rec: Recorder, args: argparse.Namespace) -> None:
     from minicpmv.devtools.random_weights import write_random_checkpoint
+    from minicpmv.devtools.speed import peak_rss_bytes
 
     for name, int4 in (("bf16", False), ("int4", True)):
         path = args.workdir / f"full_{name}"
@@ -208,13 +209,7 @@ def stage_checkpoints(rec: Recorder, args: argparse.Namespace) -> None:
             rec[name] = {"path": str(path), "reused": True}
             continue
         rec.step(name, lambda path=path, int4=int4: {"path": str(write_random_checkpoint(
-            path, _model_config(False), int4=int4)), "peak_rss_gib": round(_rss_peak() / GIB, 2)})  # fmt: skip
-
-
-def _rss_peak() -> int:
-    from minicpmv.devtools.speed import peak_rss_bytes
-
-    return peak_rss_bytes()
+            path, _model_config(False), int4=int4)), "peak_rss_gib": round(peak_rss_bytes() / GIB, 2)})  # fmt: skip
 
 
 def stage_cpu(rec: Recorder, args: argparse.Namespace, name: str) -> None:
@@ -238,7 +233,7 @@ def stage_cpu(rec: Recorder, args: argparse.Namespace, name: str) -> None:
         page = device_checks.document_page(21, (448, 448))
         rec.step("image_448", lambda: speed.measure_request(engine, "What is the total?", [page],
                                                             output_tokens=args.output_tokens))  # fmt: skip
-        rec["peak_rss_gib"] = round(_rss_peak() / GIB, 2)
+        rec["peak_rss_gib"] = round(speed.peak_rss_bytes() / GIB, 2)
     finally:
         engine.shutdown()
 

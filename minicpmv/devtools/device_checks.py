@@ -13,6 +13,7 @@ inputs are looked at, so a code path that silently falls back to the CPU fails.
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import shutil
 from contextlib import contextmanager
@@ -335,7 +336,7 @@ def check_nf4(full_checkpoint: Path, int4_checkpoint: Path, device: str) -> dict
         if label == "prequantized":
             engine = Engine(model, tokenizer, processor, EngineConfig(kv_cache_memory_mb=CHECK_KV_MB))
             try:
-                out = engine.generate(_request("nf4", images=[document_page(4)], max_tokens=8, ignore_eos=True,
+                out = engine.generate(chat_request("nf4", images=[document_page(4)], max_tokens=8, ignore_eos=True,
                                                temperature=0))  # fmt: skip
             finally:
                 engine.shutdown()
@@ -351,17 +352,18 @@ def check_nf4(full_checkpoint: Path, int4_checkpoint: Path, device: str) -> dict
     return result
 
 
-_request_ids = iter(range(10**9))
+_request_ids = itertools.count()
 
 
-def _request(text: str, images=(), *, response_format=None, **sampling):
+def chat_request(text: str, images=(), *, max_slice_nums: int | None = None, **sampling):
+    """A one-turn chat request: the images, then ``text``; ``sampling`` are SamplingParams fields."""
     from minicpmv.engine.request import GenerationRequest
     from minicpmv.engine.sampling import SamplingParams
 
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
     return GenerationRequest(f"check-{next(_request_ids)}", messages=[{"role": "user", "content": content}],
-                             images=list(images), sampling=SamplingParams(response_format=response_format,
-                                                                          **sampling))  # fmt: skip
+                             images=list(images), sampling=SamplingParams(**sampling),
+                             max_slice_nums=max_slice_nums)  # fmt: skip
 
 
 def _first_divergence_is_a_tie(ours, theirs, tie: float = 1e-3) -> tuple[bool, int | None]:
@@ -385,7 +387,7 @@ def check_engine(checkpoint: Path, device: str) -> dict[str, Any]:
                                       config=EngineConfig(max_num_seqs=8, kv_cache_memory_mb=CHECK_KV_MB))
 
     def probe():
-        return _request("Who signed the form?", images=[document_page(1)], max_tokens=16, ignore_eos=True,
+        return chat_request("Who signed the form?", images=[document_page(1)], max_tokens=16, ignore_eos=True,
                         temperature=0, logprobs=True, top_logprobs=2)  # fmt: skip
 
     with exact_float32():
@@ -396,7 +398,7 @@ def check_engine(checkpoint: Path, device: str) -> dict[str, Any]:
             with record_vision_devices(engine.model) as seen:
                 alone = engine.generate(probe()).choices[0]
             require(set(seen) == {torch.device(device).type}, f"the vision tower ran on {seen}")
-            others = [engine.submit(_request(text, images=images, max_tokens=24, ignore_eos=True, temperature=0))
+            others = [engine.submit(chat_request(text, images=images, max_tokens=24, ignore_eos=True, temperature=0))
                       for text, images in (("Read every line.", []), ("Summarise.", [document_page(2)]),
                                            ("List the totals.", [document_page(5, (900, 300))]))]  # fmt: skip
             batched = engine.submit(probe())
@@ -440,7 +442,7 @@ def check_json_and_seeds(checkpoint: Path, device: str) -> dict[str, Any]:
                                     config=EngineConfig(kv_cache_memory_mb=CHECK_KV_MB))
     try:
         require(engine.runner.device.type == torch.device(device).type, f"runner on {engine.runner.device}")
-        answer = engine.generate(_request("Is the invoice paid?", images=[document_page(6)], max_tokens=256,
+        answer = engine.generate(chat_request("Is the invoice paid?", images=[document_page(6)], max_tokens=256,
                                           response_format=ANSWER_SCHEMA, temperature=0))  # fmt: skip
         text = answer.choices[0].text
         try:
@@ -451,11 +453,11 @@ def check_json_and_seeds(checkpoint: Path, device: str) -> dict[str, Any]:
                 f"JSON-schema output breaks the schema: {value}")  # fmt: skip
 
         def sampled(seed: int):
-            return _request("Write a story.", max_tokens=24, ignore_eos=True, temperature=1.0, top_p=0.95,
+            return chat_request("Write a story.", max_tokens=24, ignore_eos=True, temperature=1.0, top_p=0.95,
                             seed=seed)  # fmt: skip
 
         first = engine.generate(sampled(7)).choices[0].token_ids
-        noise = [engine.submit(_request(f"Other {k}", max_tokens=30, ignore_eos=True, temperature=1.0, seed=k))
+        noise = [engine.submit(chat_request(f"Other {k}", max_tokens=30, ignore_eos=True, temperature=1.0, seed=k))
                  for k in range(3)]  # fmt: skip
         again = engine.submit(sampled(7)).result().choices[0].token_ids
         for handle in noise:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from minicpmv.devtools.device_checks import document_page
+from minicpmv.devtools.device_checks import chat_request, document_page
 
 # Peak HBM bandwidth by the vendors' datasheets (bytes/s), matched against torch.cuda.get_device_name().
 HBM_BYTES_PER_S = {"H200": 4.8e12, "H100 NVL": 3.9e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100": 2.0e12,
@@ -111,16 +111,6 @@ def random_engine(config: dict[str, Any], device: str, *, nf4: bool, max_num_seq
     return Engine(model, tokenizer, processor, engine_config)
 
 
-def _request(text: str, images=(), **sampling):
-    from minicpmv.engine.request import GenerationRequest
-    from minicpmv.engine.sampling import SamplingParams
-
-    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
-    return GenerationRequest(f"speed-{time.monotonic_ns()}-{threading.get_ident()}-{text[:16]}",
-                             messages=[{"role": "user", "content": content}], images=list(images),
-                             sampling=SamplingParams(**sampling))  # fmt: skip
-
-
 def _consume(handle) -> tuple[list[float], Any]:
     """Arrival times of a request's deltas, and its deltas' totals (prompt and completion tokens)."""
     stamps, last = [], None
@@ -142,7 +132,7 @@ def measure_decode(engine, concurrency: int, output_tokens: int, bandwidth: floa
     """
     device = engine.runner.device
     params = {"temperature": 0, "repetition_penalty": 1.0} if sampling == "greedy" else {}
-    requests = [_request(f"Request {k}: summarise the {TOPICS[k % len(TOPICS)]} of the attached letter.",
+    requests = [chat_request(f"Request {k}: summarise the {TOPICS[k % len(TOPICS)]} of the attached letter.",
                          max_tokens=output_tokens, ignore_eos=True, **params)
                 for k in range(concurrency)]  # fmt: skip
     outcomes: list[tuple[list[float], Any]] = [([], None)] * concurrency
@@ -189,8 +179,8 @@ def measure_page(engine, size: int = 1344, seed: int = 11, max_slice_nums: int |
     slice; the rest of the time to first token is the LLM prefill, the first sample and the scheduling."""
     device = engine.runner.device
     page = document_page(seed, (size, size))
-    request = _request("What is the total amount due?", images=[page], temperature=0, max_tokens=1)
-    request.max_slice_nums = max_slice_nums
+    request = chat_request("What is the total amount due?", [page], max_slice_nums=max_slice_nums, temperature=0,
+                           max_tokens=1)  # fmt: skip
     synchronize(device)
     start = time.perf_counter()
     stamps, last = _consume(engine.submit(request))
@@ -227,7 +217,7 @@ def _require_output(last, tokens: int) -> None:
 def measure_request(engine, text: str, images=(), output_tokens: int = 4) -> dict[str, Any]:
     """One request alone: time to first token and seconds per output token after it (CPU full-size mode)."""
     start = time.perf_counter()
-    stamps, last = _consume(engine.submit(_request(text, images, temperature=0, max_tokens=output_tokens,
+    stamps, last = _consume(engine.submit(chat_request(text, images, temperature=0, max_tokens=output_tokens,
                                                    ignore_eos=True)))  # fmt: skip
     _require_output(last, output_tokens)
     per_token = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else None

@@ -54,6 +54,7 @@ class Scheduler:
         # at the full token budget.
         decoding = any(not seq.is_prefilling for seq in self.running)
         self._pairs_left = self.max_prefill_attention_pairs if decoding else None
+        self._chunked = False
         batch: list[ScheduledSeq] = []
         for seq in list(self.running):
             if seq not in self.running or seq.is_prefilling:
@@ -65,26 +66,29 @@ class Scheduler:
             if budget <= 0:
                 break
             if seq.is_prefilling and images_ready(seq):
-                length = self._chunk(seq, budget, first=not any(e.num_tokens > 1 for e in batch))
-                if length:
-                    batch.append(ScheduledSeq(seq, length))
-                    budget -= length
+                budget -= self._add_chunk(seq, budget, batch)
+        # One free block kept per decoding sequence (admitted ones are prefilling, so the count holds).
+        reserve = sum(1 for s in self.running if not s.is_prefilling)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             cached = self.blocks.cached_prefix(self.block_keys(seq), seq.num_tokens)
-            decoding = sum(1 for s in self.running if not s.is_prefilling)
-            if not self.blocks.can_allocate(seq.num_tokens, cached, reserve=decoding):
+            if not self.blocks.can_allocate(seq.num_tokens, cached, reserve=reserve):
                 break
             self.waiting.popleft()
             seq.block_table = self.blocks.allocate(seq.num_tokens, cached)
             seq.num_computed_tokens = len(cached) * self.block_size
             self.running.append(seq)
             if images_ready(seq):
-                length = self._chunk(seq, budget, first=not any(e.num_tokens > 1 for e in batch))
-                if length:
-                    batch.append(ScheduledSeq(seq, length))
-                    budget -= length
+                budget -= self._add_chunk(seq, budget, batch)
         return batch
+
+    def _add_chunk(self, seq: Sequence, budget: int, batch: list[ScheduledSeq]) -> int:
+        """Schedule ``seq``'s next prefill chunk (``_chunk``) into ``batch``; returns its token count."""
+        length = self._chunk(seq, budget, first=not self._chunked)
+        if length:
+            batch.append(ScheduledSeq(seq, length))
+            self._chunked = self._chunked or length > 1
+        return length
 
     def _chunk(self, seq: Sequence, budget: int, first: bool) -> int:
         """How many of ``seq``'s remaining prefill tokens this step takes: within the token ``budget`` and,
