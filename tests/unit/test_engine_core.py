@@ -302,3 +302,19 @@ def test_a_failing_image_encode_fails_that_request_only(tiny_full):
         assert rest[-1].finish_reason == "length" and rest[-1].completion_tokens == 60
     finally:
         eng.shutdown()
+
+
+def test_a_lazily_opened_image_that_does_not_decode_is_the_requests_error(engine):
+    """Triton hands images over opened lazily (header only); a broken body surfaces in ``submit`` as an invalid
+    request naming the image, and the engine keeps serving."""
+    import io
+
+    from minicpmv.engine.errors import InvalidRequestError
+    from minicpmv_triton.tensors import decode_image
+
+    buffer = io.BytesIO()
+    page(60).save(buffer, "PNG")
+    broken = decode_image(buffer.getvalue()[: len(buffer.getvalue()) // 2], 0, lazy=True)
+    with pytest.raises(InvalidRequestError, match="image 0: not a decodable image"):
+        engine.submit(request("Total?", [broken], max_tokens=2))
+    assert len(ids(engine, request("Still there?", max_tokens=2))) == 2
