@@ -93,6 +93,18 @@ class AttentionMetadata:
         return self._varlen
 
 
+def gqa_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                         mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """One new token per sequence: ``q`` [B, Hq, D], gathered ``keys``/``values`` [B, K, Hk, D], ``mask``
+    [B, 1, 1, K] (True = a real key) -> [B, Hq, D]. Query head h reads KV head h // (Hq / Hk), as GQA does;
+    the heads of one group are the query rows of one SDPA head."""
+    batch, heads, dim = q.shape
+    kv_heads = keys.shape[2]
+    query = q.view(batch, kv_heads, heads // kv_heads, dim)
+    out = F.scaled_dot_product_attention(query, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask)
+    return out.reshape(batch, heads, dim)
+
+
 class ReferenceAttention:
     name = "reference"
     timings_ms: dict[str, float] | None = None  # set when chosen by timing (select_backend)
@@ -103,11 +115,9 @@ class ReferenceAttention:
         [slots, Hk, D] -> [T, Hq, D]."""
         out = torch.empty_like(q)
         if meta.decode_rows is not None:
-            query = q.index_select(0, meta.decode_rows)[:, :, None]  # [Bd, Hq, 1, D]
-            key = keys[meta.decode_slots].transpose(1, 2)  # [Bd, Hk, Kmax, D]
-            value = values[meta.decode_slots].transpose(1, 2)
-            result = F.scaled_dot_product_attention(query, key, value, attn_mask=meta.decode_mask, enable_gqa=True)
-            out.index_copy_(0, meta.decode_rows, result[:, :, 0])
+            query = q.index_select(0, meta.decode_rows)
+            key, value = keys[meta.decode_slots], values[meta.decode_slots]  # [Bd, Kmax, Hk, D]
+            out.index_copy_(0, meta.decode_rows, gqa_decode_attention(query, key, value, meta.decode_mask))
         for b, start, length, ctx in meta.prefills:
             query = q[start : start + length].transpose(0, 1)[None]  # [1, Hq, q, D]
             if ctx == length:  # nothing cached before this chunk: its own keys, plain causal

@@ -26,7 +26,9 @@ class EngineConfig:
     prompt prefixes (images included) between requests. ``max_encoder_slices_per_step``: image slices
     encoded per step while other sequences decode (all at once when none does); unset: a prefill chunk's
     worth, ``max_num_batched_tokens // 64`` (each slice becomes 64 positions). ``attention_backend``:
-    "auto", "reference" or "varlen" (attention.py).
+    "auto", "reference" or "varlen" (attention.py). ``cuda_graphs``: on CUDA, capture decode steps as CUDA
+    graphs at start-up and replay them (cuda_graphs.py; vLLM's ``enforce_eager`` is its opposite), for
+    contexts up to ``cuda_graph_max_len`` tokens (longer ones decode eagerly); no effect on the CPU.
     """
 
     max_num_seqs: int = 16
@@ -44,9 +46,12 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_encoder_slices_per_step: int | None = None
     attention_backend: str = "auto"
+    cuda_graphs: bool = True
+    cuda_graph_max_len: int = 8192
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "default_max_tokens", "block_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "default_max_tokens", "block_size",
+                     "cuda_graph_max_len"):  # fmt: skip
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1")
         for name in ("kv_cache_memory_mb", "num_kv_blocks", "max_prefill_attention_pairs",

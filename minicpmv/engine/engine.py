@@ -65,13 +65,15 @@ class Engine:
         self.config = config or EngineConfig()
         cfg = self.config
         self.processor = MiniCPMVProcessor(image_processor, tokenizer)
+        self.max_model_len = cfg.max_model_len or model.config.max_position_embeddings
         self.runner = ModelRunner(model, block_size=cfg.block_size, kv_cache_memory_mb=cfg.kv_cache_memory_mb,
                                   num_kv_blocks=cfg.num_kv_blocks, gpu_memory_utilization=cfg.gpu_memory_utilization,
-                                  attention_backend=cfg.attention_backend)  # fmt: skip
+                                  attention_backend=cfg.attention_backend, cuda_graphs=cfg.cuda_graphs,
+                                  max_num_seqs=cfg.max_num_seqs,
+                                  cuda_graph_max_len=min(cfg.cuda_graph_max_len, self.max_model_len))  # fmt: skip
         self.block_manager = BlockManager(self.runner.pool.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens,
                                    cfg.max_prefill_attention_pairs)  # fmt: skip
-        self.max_model_len = cfg.max_model_len or model.config.max_position_embeddings
         self.vision_cache = VisionCache(cfg.vision_cache_size)
         slices = cfg.max_encoder_slices_per_step or max(1, cfg.max_num_batched_tokens // model.config.query_num)
         self.encoder = ImageEncoder(model, image_processor, self.vision_cache, slices)

@@ -56,7 +56,10 @@ def pool_bytes(device: torch.device, kv_cache_memory_mb: int | None, gpu_memory_
 
 
 class KVPool:
-    def __init__(self, shape: PoolShape, num_blocks: int, device: torch.device):
+    """``num_blocks`` blocks for sequences, plus with ``scratch_block`` one more (index ``num_blocks``, never given
+    to a sequence) where the padding rows of a CUDA-graph decode step write their K/V."""
+
+    def __init__(self, shape: PoolShape, num_blocks: int, device: torch.device, scratch_block: bool = False):
         if num_blocks < 1:
             raise ValueError(
                 f"the KV cache budget holds no block of {shape.bytes_per_block} bytes; raise kv_cache_memory_mb "
@@ -65,16 +68,18 @@ class KVPool:
         self.shape = shape
         self.num_blocks = num_blocks
         self.block_size = shape.block_size
-        slots = num_blocks * shape.block_size
+        self.scratch_block = num_blocks if scratch_block else None
+        slots = (num_blocks + int(scratch_block)) * shape.block_size
         size = (slots, shape.num_kv_heads, shape.head_dim)
         self.keys = [torch.zeros(size, dtype=shape.dtype, device=device) for _ in range(shape.num_layers)]
         self.values = [torch.zeros(size, dtype=shape.dtype, device=device) for _ in range(shape.num_layers)]
         logger.info("KV pool: %d blocks of %d tokens (%d tokens, %.1f MiB) on %s", num_blocks, shape.block_size,
-                    slots, self.nbytes / 2**20, device)  # fmt: skip
+                    self.num_slots, self.nbytes / 2**20, device)  # fmt: skip
 
     @classmethod
-    def from_budget(cls, shape: PoolShape, budget_bytes: int, device: torch.device) -> KVPool:
-        return cls(shape, budget_bytes // shape.bytes_per_block, device)
+    def from_budget(cls, shape: PoolShape, budget_bytes: int, device: torch.device,
+                    scratch_block: bool = False) -> KVPool:  # fmt: skip
+        return cls(shape, budget_bytes // shape.bytes_per_block - int(scratch_block), device, scratch_block)
 
     @property
     def num_slots(self) -> int:
@@ -82,7 +87,7 @@ class KVPool:
 
     @property
     def nbytes(self) -> int:
-        return self.num_blocks * self.shape.bytes_per_block
+        return (self.num_blocks + int(self.scratch_block is not None)) * self.shape.bytes_per_block
 
     def store(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write ``keys``/``values`` [T, H, D] of new tokens into ``slots`` [T] of ``layer``."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from minicpmv.engine.attention import AttentionMetadata, select_backend
+from minicpmv.engine.cuda_graphs import DecodeGraphs, StaticDecodeAttention
 from minicpmv.engine.kv_pool import KVPool, PoolShape, pool_bytes
 from minicpmv.engine.request import Sequence
 from minicpmv.modeling.minicpmv import MiniCPMV
@@ -40,7 +41,12 @@ class ScheduledSeq:
 class ModelRunner:
     def __init__(self, model: MiniCPMV, *, block_size: int = 16, kv_cache_memory_mb: int | None = None,
                  num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
-                 attention_backend: str = "auto"):  # fmt: skip
+                 attention_backend: str = "auto", cuda_graphs: bool = True, max_num_seqs: int = 16,
+                 cuda_graph_max_len: int = 8192, static_decode: bool | None = None):  # fmt: skip
+        """``cuda_graphs``: replay pure decode steps as CUDA graphs (cuda_graphs.py; CUDA only) for batches up to
+        ``max_num_seqs`` and contexts up to ``cuda_graph_max_len``. ``static_decode`` runs those steps through
+        the graphs' static-shape forward without capture (default: where graphs are captured); on the CPU that
+        is how tests check the arithmetic the graphs replay."""
         self.model = model
         cfg = model.config
         self.num_layers = cfg.num_hidden_layers
@@ -52,12 +58,20 @@ class ModelRunner:
         exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim
         self.inv_freq = (1.0 / (cfg.rope_theta**exponent)).to(self.device)
         shape = PoolShape(self.num_layers, self.num_kv_heads, self.head_dim, block_size, self.dtype)
+        capture = cuda_graphs and self.device.type == "cuda"
+        static = capture if static_decode is None else static_decode
         if num_kv_blocks is not None:
-            self.pool = KVPool(shape, num_kv_blocks, self.device)
+            self.pool = KVPool(shape, num_kv_blocks, self.device, scratch_block=static)
         else:
             budget = pool_bytes(self.device, kv_cache_memory_mb, gpu_memory_utilization)
-            self.pool = KVPool.from_budget(shape, budget, self.device)
+            self.pool = KVPool.from_budget(shape, budget, self.device, scratch_block=static)
         self.attention = select_backend(attention_backend, self.device, self.dtype)
+        self.decode_graphs: DecodeGraphs | None = None
+        if static:
+            self.decode_graphs = DecodeGraphs(self._forward_static, block_size=block_size,
+                                              scratch_block=self.pool.scratch_block, max_num_seqs=max_num_seqs,
+                                              max_context=cuda_graph_max_len, device=self.device,
+                                              capture=capture)  # fmt: skip
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq  # [T, D/2], float32 as in transformers
@@ -86,16 +100,27 @@ class ModelRunner:
             total += length
             if entry.sample:
                 sample_rows.append(total - 1)
+        if self.decode_graphs is not None and not vision and all(e.sample and e.num_tokens == 1 for e in batch):
+            logits = self.decode_graphs.run(ids, positions, tables)
+            if logits is not None:
+                return logits
         device = self.device
         embeds = self.model.llm.model.embed_tokens(torch.tensor(ids, dtype=torch.long, device=device))
         for offset, where, rows in vision:
             embeds[(where + offset).to(device)] = rows.to(device=device, dtype=embeds.dtype)
         meta = AttentionMetadata.build(query_lens, context_lens, tables, self.pool.block_size, device)
-        hidden = self._layers(embeds, torch.tensor(positions, device=device), meta)
+        hidden = self._layers(embeds, torch.tensor(positions, device=device), meta, self.attention)
         rows = torch.tensor(sample_rows, dtype=torch.long, device=device)
         return self._logits(self.model.llm.model.norm(hidden.index_select(0, rows)))
 
-    def _layers(self, hidden: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def _forward_static(self, ids: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
+        """The decode forward of cuda_graphs.py: one token per row, every row sampled; device work only."""
+        hidden = self._layers(self.model.llm.model.embed_tokens(ids), positions, meta, self._static_attention)
+        return self._logits(self.model.llm.model.norm(hidden))
+
+    _static_attention = StaticDecodeAttention()
+
+    def _layers(self, hidden: torch.Tensor, positions: torch.Tensor, meta, attention) -> torch.Tensor:
         total = hidden.shape[0]
         cos, sin = self._rope(positions)
         for index, layer in enumerate(self.model.llm.model.layers):
@@ -107,7 +132,7 @@ class ModelRunner:
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             self.pool.store(index, meta.slot_mapping, k, v)
-            out = self.attention(q, k, v, self.pool.keys[index], self.pool.values[index], meta)
+            out = attention(q, k, v, self.pool.keys[index], self.pool.values[index], meta)
             hidden = hidden + attn.o_proj(out.reshape(total, -1))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return hidden

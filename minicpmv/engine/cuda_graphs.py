@@ -1,0 +1,195 @@
+"""Decode steps with static shapes, replayed as CUDA graphs.
+
+A decode step launches about 30 kernels per layer (28 layers) for a handful of tokens; at batch 1 on an H200
+the launches alone take longer than reading the weights. So steps in which every sequence decodes one token
+(and none takes image embeddings) run through a fixed-shape forward whose inputs live in static buffers:
+
+* the batch is padded to a **batch bucket** (1, 2, 4, 8, 16, 24, 32, 48, 64, ... up to ``max_num_seqs``); the
+  padding rows decode token 0 at position 0 into the pool's **scratch block** (``KVPool.scratch_block``: never
+  handed to a sequence), so they write nothing any sequence reads;
+* keys are gathered over a **context bucket**: the batch's longest context rounded up to a power of two of
+  blocks (at least ``MIN_CONTEXT``); a key past a sequence's own context is masked out.
+
+Each (batch bucket, context bucket) up to ``max_context`` tokens is captured once at start-up (all graphs share
+one memory pool) and replayed with one copy of the step's ids, positions and block tables into the buffers.
+Steps with a prefill chunk, image embeddings, more sequences than the largest bucket or a longer context run
+eagerly. On the CPU the same static forward runs without capture (``capture=False``): that is how the suite
+checks, against the eager path, the arithmetic the graphs replay.
+
+Attention in this path treats the 7 query heads that share a KV head as 7 query rows of that head (one SDPA
+call, no ``enable_gqa``, no repeated K/V), which lets torch pick its fused kernels with a mask.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from minicpmv.engine.attention import gqa_decode_attention
+
+logger = logging.getLogger(__name__)
+
+MIN_CONTEXT = 256  # tokens: the smallest context bucket
+
+
+def batch_buckets(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, 8, then steps of 8 to 32, then of 16: small steps where decoding is fastest, and up to
+    ``max_num_seqs`` (always included)."""
+    sizes, size = [], 1
+    while size < max_num_seqs:
+        sizes.append(size)
+        size = size * 2 if size < 8 else size + (8 if size < 32 else 16)
+    return [*sizes, max_num_seqs]
+
+
+def context_buckets(block_size: int, max_context: int) -> list[int]:
+    """Context widths in blocks: powers of two from ``MIN_CONTEXT`` tokens up to ``max_context`` tokens."""
+    blocks, widths = max(1, -(-MIN_CONTEXT // block_size)), []
+    limit = -(-max_context // block_size)
+    while blocks < limit:
+        widths.append(blocks)
+        blocks *= 2
+    return [*widths, limit]
+
+
+@dataclass
+class StaticDecodeMetadata:
+    """What ``ModelRunner._layers`` needs of a static decode step: every tensor a view of a static buffer or
+    computed from one inside the step, so a captured graph sees the next step's values."""
+
+    slot_mapping: torch.Tensor  # [B]
+    slots: torch.Tensor  # [B, K]
+    mask: torch.Tensor  # [B, 1, 1, K]
+
+
+class StaticDecodeAttention:
+    name = "static-decode"
+
+    def __call__(self, q, k, v, keys, values, meta: StaticDecodeMetadata) -> torch.Tensor:
+        return gqa_decode_attention(q, keys[meta.slots], values[meta.slots], meta.mask)
+
+
+class DecodeGraphs:
+    """Static buffers and, on CUDA, one captured graph per (batch bucket, context bucket).
+
+    ``forward(embed_ids, positions, meta)`` is the runner's model forward (embeddings, layers, final norm,
+    lm_head) returning float32 logits [B, V]; it must only launch device work (no host sync).
+    """
+
+    def __init__(self, forward: Callable, *, block_size: int, scratch_block: int, max_num_seqs: int,
+                 max_context: int, device: torch.device, capture: bool):  # fmt: skip
+        self.forward = forward
+        self.block_size = block_size
+        self.scratch_block = scratch_block
+        self.device = device
+        self.batch_sizes = batch_buckets(max_num_seqs)
+        self.widths = context_buckets(block_size, max_context)
+        self.max_context = self.widths[-1] * block_size
+        max_batch, max_width = self.batch_sizes[-1], self.widths[-1]
+        self.ids = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self.positions = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self.tables = torch.full((max_batch, max_width), scratch_block, dtype=torch.long, device=device)
+        self._offsets = torch.arange(block_size, device=device)
+        self._keys = torch.arange(max_width * block_size, device=device)
+        # Reused every step: the previous step's copy out of it has finished, since every step ends with the
+        # sampler's device->host transfer.
+        self._host = torch.empty(max_batch * (2 + max_width), dtype=torch.long, pin_memory=capture)
+        self.logits: torch.Tensor | None = None  # [max batch, V]: every graph writes its logits here
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.capture_seconds = 0.0
+        self.num_steps = 0  # decode steps that took this path
+        self.num_replays = 0  # of which replayed as a graph
+        if capture:
+            try:
+                self._capture_all()
+            except Exception as e:  # noqa: BLE001 (a kernel that can't be captured: run these steps eagerly)
+                self.graphs.clear()
+                logger.warning("CUDA graphs: capture failed (%s: %s); decode steps run eagerly", type(e).__name__, e)
+
+    # ---------------------------------------------------------------- the step
+
+    def _static_forward(self, batch: int, width: int) -> torch.Tensor:
+        ids, positions, tables = self.ids[:batch], self.positions[:batch], self.tables[:batch, :width]
+        slots = (tables[:, :, None] * self.block_size + self._offsets).view(batch, -1)  # [B, K]
+        rows = torch.arange(batch, device=self.device)
+        slot_mapping = slots[rows, positions]
+        mask = (self._keys[: width * self.block_size][None, :] <= positions[:, None])[:, None, None, :]
+        return self.forward(ids, positions, StaticDecodeMetadata(slot_mapping, slots, mask))
+
+    def bucket(self, num_seqs: int, max_context_len: int) -> tuple[int, int] | None:
+        """The smallest (batch, width in blocks) holding this step; None if no bucket does."""
+        if num_seqs > self.batch_sizes[-1] or max_context_len > self.max_context:
+            return None
+        blocks = -(-max_context_len // self.block_size)
+        batch = next(b for b in self.batch_sizes if b >= num_seqs)
+        width = next(w for w in self.widths if w >= blocks)
+        return batch, width
+
+    def run(self, ids: list[int], positions: list[int], block_tables: list[list[int]]) -> torch.Tensor | None:
+        """Logits [n, V] for a decode step of n sequences (one token each, at ``positions``); None when no
+        bucket holds it (the caller runs it eagerly). The logits are a view of the graph's output buffer,
+        valid until the next step."""
+        n = len(ids)
+        bucket = self.bucket(n, max(positions) + 1)
+        if bucket is None:
+            return None
+        batch, width = bucket
+        self.num_steps += 1
+        self._load(ids, positions, block_tables, batch, width)
+        entry = self.graphs.get(bucket)
+        if entry is None:  # not captured (the CPU, or a capture that failed): the same arithmetic, eagerly
+            return self._static_forward(batch, width)[:n]
+        entry.replay()
+        self.num_replays += 1
+        return self.logits[:n]
+
+    def _load(self, ids, positions, block_tables, batch: int, width: int) -> None:
+        """One host->device copy of ids, positions and tables; padding rows and columns point at the scratch
+        block (padding rows decode token 0 at position 0 there)."""
+        n = len(ids)
+        host = self._host[: batch * (2 + width)]
+        host.fill_(0)
+        host[:n] = torch.tensor(ids, dtype=torch.long)
+        host[batch : batch + n] = torch.tensor(positions, dtype=torch.long)
+        table = host[2 * batch :].view(batch, width)
+        table.fill_(self.scratch_block)
+        for row, (blocks, position) in enumerate(zip(block_tables, positions, strict=True)):
+            used = position // self.block_size + 1
+            table[row, :used] = torch.tensor(blocks[:used], dtype=torch.long)
+        staged = host.to(self.device, non_blocking=True)
+        self.ids[:batch].copy_(staged[:batch])
+        self.positions[:batch].copy_(staged[batch : 2 * batch])
+        self.tables[:batch, :width].copy_(staged[2 * batch :].view(batch, width))
+
+    # ---------------------------------------------------------------- capture
+
+    def _capture_all(self) -> None:
+        start = time.perf_counter()
+        pool = None
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        # Largest first: later, smaller graphs reuse the memory the first one's pool reserved.
+        for batch in reversed(self.batch_sizes):
+            for width in reversed(self.widths):
+                self.tables[:batch, :width].fill_(self.scratch_block)
+                self.ids[:batch].zero_()
+                self.positions[:batch].zero_()
+                with torch.cuda.stream(stream):
+                    warm = self._static_forward(batch, width)  # warm-up: lazy inits, kernel selection
+                    if self.logits is None:  # the largest batch comes first
+                        self.logits = torch.empty_like(warm)
+                    del warm
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    self.logits[:batch].copy_(self._static_forward(batch, width))
+                pool = graph.pool()
+                self.graphs[(batch, width)] = graph
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
+        self.capture_seconds = time.perf_counter() - start
+        logger.info("CUDA graphs: %d captured (batch %s x context %s tokens) in %.1f s", len(self.graphs),
+                    self.batch_sizes, [w * self.block_size for w in self.widths], self.capture_seconds)  # fmt: skip

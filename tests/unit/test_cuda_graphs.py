@@ -1,0 +1,115 @@
+"""The static-shape decode step that CUDA graphs replay (minicpmv/engine/cuda_graphs.py), run on the CPU
+without capture: the same arithmetic, buffers, buckets, padding rows and scratch block as on the GPU.
+
+The capture itself needs CUDA: tests/gpu/test_cuda.py compares graphs on and off there.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from minicpmv.engine import engine as engine_module
+from minicpmv.engine.attention import gqa_decode_attention
+from minicpmv.engine.cuda_graphs import batch_buckets, context_buckets
+from minicpmv.engine.engine import Engine, EngineConfig
+from minicpmv.engine.model_runner import ModelRunner
+from tests.unit.test_engine_core import page, request
+
+
+def test_batch_buckets_are_fine_where_decoding_is_fast_and_end_at_max_num_seqs():
+    assert batch_buckets(64) == [1, 2, 4, 8, 16, 24, 32, 48, 64]
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(10) == [1, 2, 4, 8, 10]
+    assert batch_buckets(100) == [1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 100]
+
+
+def test_context_buckets_double_from_256_tokens_to_the_limit():
+    assert context_buckets(16, 8192) == [16, 32, 64, 128, 256, 512]
+    assert context_buckets(16, 1000) == [16, 32, 63]  # 1,000 tokens = 63 blocks
+    assert context_buckets(16, 100) == [7]
+
+
+def test_grouped_query_heads_as_rows_equal_sdpa_with_enable_gqa():
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 28, 16, generator=generator)
+    keys = torch.randn(3, 40, 4, 16, generator=generator)
+    values = torch.randn(3, 40, 4, 16, generator=generator)
+    lengths = torch.tensor([40, 7, 1])
+    mask = (torch.arange(40)[None, :] < lengths[:, None])[:, None, None, :]
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, None], keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask, enable_gqa=True)[:, :, 0]
+    torch.testing.assert_close(gqa_decode_attention(q, keys, values, mask), expected, rtol=1e-5, atol=1e-6)
+
+
+def _engine(tiny_full, monkeypatch, static: bool, graph_max_len: int = 8192) -> Engine:
+    runner = functools.partial(ModelRunner, static_decode=static)
+    monkeypatch.setattr(engine_module, "ModelRunner", runner)
+    config = EngineConfig(max_num_seqs=8, max_num_batched_tokens=64, num_kv_blocks=96,
+                          cuda_graph_max_len=graph_max_len, enable_prefix_caching=False)  # fmt: skip
+    return Engine.from_pretrained(tiny_full, dtype="float32", config=config)
+
+
+def _run_batch(engine: Engine) -> list[tuple[list[int], list[float]]]:
+    """Three requests decoding together (batch bucket 4: one padding row), one of them with a page."""
+    reqs = [request("Count to ten.", max_tokens=24, logprobs=True),
+            request("Read the page.", [page(5)], max_tokens=20, logprobs=True),
+            request("A " * 90 + "longer prompt.", max_tokens=30, logprobs=True)]  # fmt: skip
+    handles = [engine.submit(r) for r in reqs]
+    out = []
+    for handle in handles:
+        choice = handle.result().choices[0]
+        assert choice.error is None
+        out.append((choice.token_ids, [entry.logprob for entry in choice.logprobs]))
+    return out
+
+
+def test_static_decode_gives_the_eager_ids_logprobs_and_kv_and_pads_into_the_scratch_block(tiny_full, monkeypatch):
+    eager = _engine(tiny_full, monkeypatch, static=False)
+    static = _engine(tiny_full, monkeypatch, static=True)
+    try:
+        assert eager.runner.decode_graphs is None and static.runner.pool.scratch_block == 96
+        scratch = static.runner.pool.scratch_block * 16
+        before = static.runner.pool.keys[0][scratch:].clone()
+        expected, got = _run_batch(eager), _run_batch(static)
+        graphs = static.runner.decode_graphs
+        assert graphs.num_steps >= 25 and graphs.num_replays == 0  # the static forward ran, uncaptured (CPU)
+        for (ids_e, lp_e), (ids_s, lp_s) in zip(expected, got, strict=True):
+            assert ids_s == ids_e
+            torch.testing.assert_close(torch.tensor(lp_s), torch.tensor(lp_e), rtol=0, atol=1e-4)
+        # Every sequence block holds the same K/V (nothing written where a sequence reads), and padding rows
+        # wrote into the scratch block.
+        slots = eager.runner.pool.num_slots
+        for layer in (0, len(eager.runner.pool.keys) - 1):
+            torch.testing.assert_close(static.runner.pool.keys[layer][:slots], eager.runner.pool.keys[layer],
+                                       rtol=1e-5, atol=1e-5)  # fmt: skip
+            torch.testing.assert_close(static.runner.pool.values[layer][:slots], eager.runner.pool.values[layer],
+                                       rtol=1e-5, atol=1e-5)  # fmt: skip
+        assert not torch.equal(static.runner.pool.keys[0][scratch:], before)
+    finally:
+        eager.shutdown()
+        static.shutdown()
+
+
+def test_contexts_past_the_graph_limit_and_prefill_steps_run_eagerly(tiny_full, monkeypatch):
+    eager = _engine(tiny_full, monkeypatch, static=False)
+    capped = _engine(tiny_full, monkeypatch, static=True, graph_max_len=64)
+    try:
+        long = request("A " * 90 + "longer prompt.", max_tokens=12)  # its context is past 64 tokens throughout
+        assert capped.generate(long).choices[0].token_ids == eager.generate(long).choices[0].token_ids
+        assert capped.runner.decode_graphs.num_steps == 0
+        short = request("Hi.", max_tokens=60)  # a short prompt: decodes statically up to position 63
+        assert capped.generate(short).choices[0].token_ids == eager.generate(short).choices[0].token_ids
+        prompt = capped.generate(request("Hi.", max_tokens=1)).prompt_tokens
+        assert capped.runner.decode_graphs.num_steps == 64 - prompt
+    finally:
+        eager.shutdown()
+        capped.shutdown()
+
+
+@pytest.mark.parametrize("value", [0, -5])
+def test_cuda_graph_max_len_must_be_positive(value):
+    with pytest.raises(ValueError, match="cuda_graph_max_len"):
+        EngineConfig(cuda_graph_max_len=value)
