@@ -184,6 +184,9 @@ def stage_full(rec: Recorder, args: argparse.Namespace, nf4: bool) -> None:
         rec["kv_pool"] = {"gib": round(pool.nbytes / GIB, 2), "tokens": pool.num_slots,
                           "attention": engine.runner.attention.name,
                           "attention_step_ms": engine.runner.attention.timings_ms}  # fmt: skip
+        graphs = engine.runner.decode_graphs
+        rec["cuda_graphs"] = None if graphs is None else {"captured": len(graphs.graphs),
+                                                          "capture_s": round(graphs.capture_seconds, 2)}  # fmt: skip
         rec.step("warmup", lambda: speed.measure_decode(engine, 2, 4))
         speed.reset_peak_memory(device)
         for level in args.concurrency:
@@ -192,6 +195,14 @@ def stage_full(rec: Recorder, args: argparse.Namespace, nf4: bool) -> None:
         top = max(args.concurrency)
         rec.step(f"decode_c{top}_default_sampling", lambda: speed.measure_decode(
             engine, top, args.output_tokens, bandwidth, sampling="default"))  # fmt: skip
+        if graphs is not None:  # the same steps decoded eagerly, side by side
+            engine.runner.decode_graphs = None
+            try:
+                for level in sorted({min(args.concurrency), top}):
+                    rec.step(f"decode_c{level}_without_cuda_graphs", lambda level=level: speed.measure_decode(
+                        engine, level, args.output_tokens, bandwidth))  # fmt: skip
+            finally:
+                engine.runner.decode_graphs = graphs
         rec.step("page_warmup", lambda: speed.measure_page(engine, args.page_size, seed=12))
         rec.step("page", lambda: speed.measure_page(engine, args.page_size, seed=13))
         rec["peak_memory_gib"] = round(speed.peak_memory_bytes(device) / GIB, 2)

@@ -40,12 +40,16 @@ def render_markdown(summary: dict[str, Any]) -> str:
             continue
         head = {k: v for k, v in results.items() if not isinstance(v, dict)}
         lines += ["", f"## {name}", "", ", ".join(f"{k}: {v}" for k, v in head.items())]
-        rows = [v for k, v in results.items() if k.startswith("decode_c") and isinstance(v, dict) and v.get("passed")]
+        rows = [(k, v) for k, v in results.items()
+                if k.startswith("decode_c") and isinstance(v, dict) and v.get("passed")]  # fmt: skip
         if rows:
-            lines += ["", "| concurrent | sampling | output tok/s (decode) | end to end | step ms | bound tok/s | "
-                      "% of bound |", "|---|---|---|---|---|---|---|"]  # fmt: skip
-            for r in rows:
-                lines.append(f"| {r['concurrency']} | {r.get('sampling', 'greedy')} | {_fmt(r.get('decode_tok_s'))} | "
+            lines += ["", "| concurrent | sampling | CUDA graphs | output tok/s (decode) | end to end | step ms | "
+                      "bound tok/s | % of bound |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+            graphs = "yes" if results.get("cuda_graphs") else "no"
+            for key, r in rows:
+                used = "no" if key.endswith("_without_cuda_graphs") else graphs
+                lines.append(f"| {r['concurrency']} | {r.get('sampling', 'greedy')} | {used} | "
+                             f"{_fmt(r.get('decode_tok_s'))} | "
                              f"{_fmt(r.get('e2e_tok_s'))} | "
                              f"{_fmt(r.get('decode_step_ms'))} | {_fmt(r.get('bandwidth_bound_tok_s'))} | "
                              f"{_fmt(r.get('percent_of_bound'))} |")  # fmt: skip

@@ -382,9 +382,9 @@ def check_engine(checkpoint: Path, device: str) -> dict[str, Any]:
     float32 CPU engine's (a difference only where the CPU's top two candidates tie within 1e-3)."""
     from minicpmv.engine.engine import Engine, EngineConfig
 
-    def make(target: str) -> Engine:
-        return Engine.from_pretrained(checkpoint, device=target, dtype="float32",
-                                      config=EngineConfig(max_num_seqs=8, kv_cache_memory_mb=CHECK_KV_MB))
+    def make(target: str, cuda_graphs: bool = True) -> Engine:
+        config = EngineConfig(max_num_seqs=8, kv_cache_memory_mb=CHECK_KV_MB, cuda_graphs=cuda_graphs)
+        return Engine.from_pretrained(checkpoint, device=target, dtype="float32", config=config)
 
     def probe():
         return chat_request("Who signed the form?", images=[document_page(1)], max_tokens=16, ignore_eos=True,
@@ -398,6 +398,10 @@ def check_engine(checkpoint: Path, device: str) -> dict[str, Any]:
             with record_vision_devices(engine.model) as seen:
                 alone = engine.generate(probe()).choices[0]
             require(set(seen) == {torch.device(device).type}, f"the vision tower ran on {seen}")
+            graphs = engine.runner.decode_graphs
+            if torch.device(device).type == "cuda":  # decode steps replayed as CUDA graphs, none failed to capture
+                require(graphs is not None and len(graphs.graphs) > 0, "no CUDA graph was captured (see the log)")
+                require(graphs.num_replays >= 15, f"{graphs.num_replays} CUDA-graph replays for 15 decode steps")
             others = [engine.submit(chat_request(text, images=images, max_tokens=24, ignore_eos=True, temperature=0))
                       for text, images in (("Read every line.", []), ("Summarise.", [document_page(2)]),
                                            ("List the totals.", [document_page(5, (900, 300))]))]  # fmt: skip
@@ -418,10 +422,20 @@ def check_engine(checkpoint: Path, device: str) -> dict[str, Any]:
             on_cpu = cpu.generate(probe()).choices[0]
         finally:
             cpu.shutdown()
+        eager = make(device, cuda_graphs=False)
+        try:
+            require(eager.runner.decode_graphs is None, "cuda_graphs=False still captured graphs")
+            without_graphs = eager.generate(probe()).choices[0]
+        finally:
+            eager.shutdown()
     agrees, step = _first_divergence_is_a_tie(alone, on_cpu)
     require(agrees, f"{device} ids {alone.token_ids} != CPU ids {on_cpu.token_ids} (first at step {step}, no tie)")
+    agrees, eager_step = _first_divergence_is_a_tie(alone, without_graphs)
+    require(agrees, f"ids with CUDA graphs {alone.token_ids} != without {without_graphs.token_ids} "
+                    f"(first at step {eager_step}, no tie)")  # fmt: skip
     return {"greedy_ids": alone.token_ids, "batch_parity": True, "cpu_ids": on_cpu.token_ids,
-            "first_difference_with_cpu": step}  # fmt: skip
+            "first_difference_with_cpu": step, "cuda_graphs": len(graphs.graphs),
+            "first_difference_without_graphs": eager_step}  # fmt: skip
 
 
 ANSWER_SCHEMA = {

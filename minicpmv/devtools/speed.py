@@ -87,7 +87,8 @@ def peak_memory_bytes(device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
 
 
-def random_engine(config: dict[str, Any], device: str, *, nf4: bool, max_num_seqs: int = 64, seed: int = 0):
+def random_engine(config: dict[str, Any], device: str, *, nf4: bool, max_num_seqs: int = 64, seed: int = 0,
+                  cuda_graph_max_len: int = 2048):  # fmt: skip
     """An Engine over a random-weight model of ``config`` built directly on ``device`` (no checkpoint on disk),
     bf16, or nf4 quantized while building; with the tiny tokenizer (its ids have non-zero embeddings)."""
     from minicpmv.config import MiniCPMVConfig
@@ -107,7 +108,8 @@ def random_engine(config: dict[str, Any], device: str, *, nf4: bool, max_num_seq
     model = build_model(MiniCPMVConfig.from_dict(config), tensors, device=device, dtype="bfloat16",
                         quantization="nf4" if nf4 else None)  # fmt: skip
     processor = ImageProcessor(PreprocessorConfig.from_dict(PREPROCESSOR_CONFIG))
-    engine_config = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=2048)
+    engine_config = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=2048,
+                                 cuda_graph_max_len=cuda_graph_max_len)  # fmt: skip
     return Engine(model, tokenizer, processor, engine_config)
 
 

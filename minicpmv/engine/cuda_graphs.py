@@ -150,16 +150,15 @@ class DecodeGraphs:
     def _load(self, ids, positions, block_tables, batch: int, width: int) -> None:
         """One host->device copy of ids, positions and tables; padding rows and columns point at the scratch
         block (padding rows decode token 0 at position 0 there)."""
-        n = len(ids)
-        host = self._host[: batch * (2 + width)]
-        host.fill_(0)
-        host[:n] = torch.tensor(ids, dtype=torch.long)
-        host[batch : batch + n] = torch.tensor(positions, dtype=torch.long)
-        table = host[2 * batch :].view(batch, width)
-        table.fill_(self.scratch_block)
-        for row, (blocks, position) in enumerate(zip(block_tables, positions, strict=True)):
+        pad, scratch = batch - len(ids), self.scratch_block
+        values = [*ids, *[0] * pad, *positions, *[0] * pad]
+        for blocks, position in zip(block_tables, positions, strict=True):
             used = position // self.block_size + 1
-            table[row, :used] = torch.tensor(blocks[:used], dtype=torch.long)
+            values += blocks[:used]
+            values += [scratch] * (width - used)
+        values += [scratch] * (pad * width)
+        host = self._host[: batch * (2 + width)]
+        host.copy_(torch.tensor(values, dtype=torch.long))
         staged = host.to(self.device, non_blocking=True)
         self.ids[:batch].copy_(staged[:batch])
         self.positions[:batch].copy_(staged[batch : 2 * batch])
