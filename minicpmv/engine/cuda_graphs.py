@@ -167,6 +167,10 @@ class DecodeGraphs:
     # ---------------------------------------------------------------- capture
 
     def _capture_all(self) -> None:
+        with torch.cuda.device(self.device):  # graphs belong to the device current at capture (this instance's)
+            self._capture_on_device()
+
+    def _capture_on_device(self) -> None:
         start = time.perf_counter()
         pool = None
         stream = torch.cuda.Stream(self.device)

@@ -240,6 +240,8 @@ class Engine:
     # ---------------------------------------------------------------- the loop (engine thread)
 
     def _loop(self) -> None:
+        if self.runner.device.type == "cuda":  # this instance's GPU (Triton: one per GPU) for CUDA graph replays
+            torch.cuda.set_device(self.runner.device)
         while True:
             with self._cv:
                 while not self._stop and not self._incoming and not self.scheduler.has_work():
