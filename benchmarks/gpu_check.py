@@ -33,6 +33,7 @@ import datetime as dt
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -314,7 +315,32 @@ def _chat(base_url: str, model: str, urllib_request) -> dict[str, Any]:
             "finish_reason": answer["choices"][0]["finish_reason"]}  # fmt: skip
 
 
+STOP_GRACE_S = 20  # a stage past its cap gets SIGTERM, then this long to stop what it started, then SIGKILL
+
+
+def _run_capped(cmd: list[str], timeout: float) -> int | None:
+    """The stage's exit code, or None if it ran past ``timeout``. A stage past its cap is asked to stop
+    (SIGTERM: its ``with`` blocks stop the tritonserver and frontend it started, which run in process groups
+    of their own) before it is killed, so nothing it started outlives the check."""
+    process = subprocess.Popen(cmd, cwd=ROOT)
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.terminate()
+        try:
+            process.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        return None
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # unwinds the stage: context managers stop their servers
+
+
 def run_stage(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     rec = Recorder(args.out / f"stage_{args.stage}.json")
     print(f"[{args.stage}]", flush=True)
     try:
@@ -370,11 +396,8 @@ def run_all(args: argparse.Namespace) -> int:
         timeout = min(cap, left)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--stage", name, *args.child_args]
         stage_started = time.monotonic()
-        try:
-            code = subprocess.run(cmd, cwd=ROOT, timeout=timeout).returncode
-            status = "ok" if code == 0 else "failed"
-        except subprocess.TimeoutExpired:
-            status = f"timed_out after {timeout:.0f} s"
+        code = _run_capped(cmd, timeout)
+        status = f"timed_out after {timeout:.0f} s" if code is None else "ok" if code == 0 else "failed"
         path = args.out / f"stage_{name}.json"
         data = json.loads(path.read_text()) if path.exists() else {"results": {}, "failed": []}
         if status == "ok" and "skipped" in data["results"]:
