@@ -318,3 +318,59 @@ def _verify_special_tokens(tokenizer: PreTrainedTokenizerFast, directory: Path) 
                 f"{directory} does not hold a MiniCPM-V 2.6 tokenizer: {token!r} encodes to {ids} and id "
                 f"{expected_id} decodes to {decoded!r}, expected [{expected_id}] and {token!r}"
             )
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (Qwen2's too), as a map from each of its 256 characters to its byte: the
+    printable bytes stand for themselves, the other 68 are shifted to U+0100 and up, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in printable]
+    alphabet = {chr(b): b for b in printable}
+    alphabet.update({chr(256 + n): b for n, b in enumerate(shifted)})
+    return alphabet
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
+
+
+class TokenPieces:
+    """What a logprob entry says about a token id alone: its raw bytes and OpenAI's ``token`` string.
+
+    A byte-level BPE token may hold part of a UTF-8 character (Qwen2 splits most CJK characters and emoji over
+    two or three tokens), so decoding it alone gives U+FFFD. Its bytes come from the vocabulary entry instead,
+    through the byte-level alphabet; the string is those bytes as UTF-8 when they are valid, and otherwise
+    what OpenAI returns for such tokens: ``"bytes:"`` followed by the bytes, printable ASCII as is and every
+    other byte as ``\\xNN`` (e.g. ``"bytes:\\xe4\\xbd"``). Special tokens (``<|im_end|>``, ``<image>``, ...),
+    which decoding leaves out of the text, have their name as the string and no bytes (None, OpenAI's
+    "no bytes representation"). So the bytes of a completion's tokens concatenate to the UTF-8 of its text.
+    Other added tokens (not byte-level encoded) have the UTF-8 of their content.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer (``convert_ids_to_tokens``, ``added_tokens_decoder``, ``decode``).
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._added = {int(i): token for i, token in tokenizer.added_tokens_decoder.items()}
+        self._cache: dict[int, tuple[str, bytes | None]] = {}
+
+    def __call__(self, token_id: int) -> tuple[str, bytes | None]:
+        """``(token string, raw bytes or None)`` of ``token_id``."""
+        piece = self._cache.get(token_id)
+        if piece is None:
+            piece = self._cache[token_id] = self._piece(token_id)
+        return piece
+
+    def _piece(self, token_id: int) -> tuple[str, bytes | None]:
+        added = self._added.get(token_id)
+        if added is not None:
+            return (added.content, None) if added.special else (added.content, added.content.encode("utf-8"))
+        entry = self._tokenizer.convert_ids_to_tokens(token_id)
+        if entry is not None and all(char in _BYTE_LEVEL for char in entry):
+            raw = bytes(_BYTE_LEVEL[char] for char in entry)
+        else:  # not a byte-level entry (another kind of tokenizer): what decoding it alone gives
+            raw = self._tokenizer.decode([token_id]).encode("utf-8")
+        try:
+            return raw.decode("utf-8"), raw
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(chr(b) if 0x20 <= b < 0x7F and b != 0x5C else f"\\x{b:02x}" for b in raw), raw

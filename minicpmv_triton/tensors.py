@@ -207,14 +207,22 @@ def response_tensors(parsed: ParsedRequest, delta: Delta, text: str) -> dict[str
     if parsed.return_num_output_tokens:
         out["num_output_tokens"] = np.array([[delta.completion_tokens]], dtype=np.uint32)
     if parsed.return_logprobs:
+        # "bytes": the token's own bytes (a list of ints, null for a special token), as OpenAI's field.
         entries = [
             {
                 "token_id": e.token_id,
                 "token": e.token,
                 "logprob": e.logprob,
-                "top_logprobs": [{"token_id": i, "token": t, "logprob": lp} for i, t, lp in e.top],
+                "bytes": _byte_list(e.token_bytes),
+                "top_logprobs": [{"token_id": i, "token": t, "logprob": lp,
+                                  "bytes": _byte_list(e.top_bytes[k] if k < len(e.top_bytes) else None)}
+                                 for k, (i, t, lp) in enumerate(e.top)],
             }
             for e in delta.logprobs or []
-        ]
+        ]  # fmt: skip
         out["logprobs"] = np.array([[json.dumps(entries).encode()]], dtype=np.object_)
     return out
+
+
+def _byte_list(raw: bytes | None) -> list[int] | None:
+    return None if raw is None else list(raw)

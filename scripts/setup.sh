@@ -2,7 +2,8 @@
 # Create .venv and install what the project needs; quick when nothing changed. Prints the venv's python.
 # Usage: scripts/setup.sh [--serve | --dev]
 #   (none)   the engine: requirements.txt
-#   --serve  + tritonserver and the OpenAI frontend: requirements-triton.txt, requirements-frontend.txt
+#   --serve  + tritonserver and the OpenAI frontend: requirements-triton.txt, requirements-frontend.txt,
+#            and the Qwen2 vocabulary of serve.sh --demo's tiny checkpoints: requirements-tiny.txt
 #   --dev    everything --serve installs, plus the test tools: requirements-dev.txt
 # Environment: PYTHON (default python3), MINICPMV_VENV (default .venv), MINICPMV_TORCH_INDEX_URL,
 # MINICPMV_CPU_TORCH_VERSION.
@@ -16,12 +17,13 @@ case "${1:-}" in
   "") ;;
   --serve) mode=serve ;;
   --dev) mode=dev ;;
-  -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
+  -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
   *) echo "setup: unknown option ${1} (try --help)" >&2; exit 2 ;;
 esac
 case "$mode" in
   base) reqs=("$ROOT/requirements.txt") ;;
-  serve) reqs=("$ROOT/requirements.txt" "$ROOT/requirements-triton.txt" "$ROOT/requirements-frontend.txt") ;;
+  serve) reqs=("$ROOT/requirements.txt" "$ROOT/requirements-triton.txt" "$ROOT/requirements-frontend.txt"
+               "$ROOT/requirements-tiny.txt") ;;
   dev) reqs=("$ROOT/requirements-dev.txt") ;;
 esac
 

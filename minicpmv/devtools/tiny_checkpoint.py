@@ -7,8 +7,9 @@ checkpoint goes through exactly the loading path of a real one. With ``int4=True
 linears are quantized to bitsandbytes nf4 (double quantization, bf16 compute) and saved
 pre-quantized, in the layout of ``openbmb/MiniCPM-V-2_6-int4``.
 
-Only the embedding and lm_head rows of ids the tiny tokenizer knows are random; the other
-rows are zero, so those ids always get logit 0 (as in the golden reference checkpoint).
+The tokenizer is MiniCPM-V 2.6's (the Qwen2 vocabulary and the real added tokens, see
+``tiny_tokenizer``); the embedding and lm_head rows of all its ids are random, so every id of the
+151,666-row vocabulary can be generated, whole words and pieces of a UTF-8 character alike.
 """
 
 from __future__ import annotations

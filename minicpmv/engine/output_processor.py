@@ -8,6 +8,11 @@ What needs text is known here only: when a stop string completes, the sequence f
 is told (``on_stopped``) to drop it at its next step; tokens it sampled for that sequence in the meantime are
 discarded, never emitted. Finishes the engine decides (stop token, max_tokens, grammar, cancellation, errors)
 arrive with the tokens, in order.
+
+Logprobs travel with the text their tokens produced: a token's entry is held until the detokenizer releases
+its text (the tokens of a character split over several tokens, text held as a possible start of a stop
+string) and goes out in the same delta. The stop token that ends a sequence is not in the logprobs (as OpenAI
+leaves it out), nor are tokens whose text a stop string cut off.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ TokenItem = tuple[Sequence, int, TokenLogprob | None, str | None]
 class OutputProcessor:
     def __init__(self, on_stopped: Callable[[Sequence], None]):
         self._on_stopped = on_stopped
+        self._held: dict[Sequence, _Held] = {}  # output thread only
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="minicpmv-output", daemon=True)
         self._thread.start()
@@ -74,7 +80,11 @@ class OutputProcessor:
         params = state.sampling
         seq.num_emitted += 1
         is_stop_token = reason == "stop" and token in params.stop_token_ids and not params.ignore_eos
-        text = "" if is_stop_token else seq.detokenizer.add(token)
+        text = ""
+        if not is_stop_token:
+            text = seq.detokenizer.add(token)
+            if logprob is not None:
+                self._held.setdefault(seq, _Held()).entries.append(logprob)
         if seq.detokenizer.stopped and reason != "stop":
             if reason is None:  # the engine does not know yet
                 self._on_stopped(seq)
@@ -83,7 +93,7 @@ class OutputProcessor:
             text += seq.detokenizer.flush()
             seq.output_finished = True
         state.emit(Delta(state.request_id, seq.index, text, [token], seq.prompt_len, seq.num_emitted, reason,
-                         [logprob] if logprob is not None else None))  # fmt: skip
+                         self._released_logprobs(seq)))  # fmt: skip
 
     def _finish(self, state: RequestState, reason: str, error: str | None) -> None:
         for seq in state.sequences:
@@ -91,5 +101,32 @@ class OutputProcessor:
                 continue
             seq.output_finished = True
             text = seq.detokenizer.flush() if not error else ""
-            state.emit(Delta(state.request_id, seq.index, text, [], seq.prompt_len, seq.num_emitted, reason, None,
-                             error))  # fmt: skip
+            logprobs = self._released_logprobs(seq) if not error else None
+            self._held.pop(seq, None)
+            state.emit(Delta(state.request_id, seq.index, text, [], seq.prompt_len, seq.num_emitted, reason,
+                             logprobs, error))  # fmt: skip
+
+    def _released_logprobs(self, seq: Sequence) -> list[TokenLogprob] | None:
+        """The held logprob entries of ``seq`` whose text the detokenizer has released (None when the request
+        did not ask for logprobs); forgets the rest once ``seq`` has finished."""
+        if not seq.request.sampling.logprobs:
+            return None
+        held = self._held.get(seq)
+        if held is None:
+            return []
+        count = seq.detokenizer.released_tokens - held.sent
+        released, held.entries[:count] = held.entries[:count], []
+        held.sent += len(released)
+        if seq.output_finished:
+            del self._held[seq]
+        return released
+
+
+class _Held:
+    """A sequence's logprob entries not sent yet; ``sent`` entries went out before them."""
+
+    __slots__ = ("entries", "sent")
+
+    def __init__(self) -> None:
+        self.entries: list[TokenLogprob] = []
+        self.sent = 0

@@ -38,10 +38,18 @@ class GenerationRequest:
 
 @dataclass
 class TokenLogprob:
+    """A sampled token's logprob and the most likely alternatives, ``top`` = [(id, token, logprob)].
+
+    ``token`` is OpenAI's string for the token alone (``"bytes:\\xe4\\xbd"`` for part of a UTF-8 character) and
+    ``token_bytes`` its raw bytes (None for a special token, which adds no text); ``top_bytes`` has those of
+    ``top``, in order (see :class:`minicpmv.tokenizer.TokenPieces`)."""
+
     token_id: int
     token: str
     logprob: float
     top: list[tuple[int, str, float]] = field(default_factory=list)
+    token_bytes: bytes | None = None
+    top_bytes: list[bytes | None] = field(default_factory=list)
 
 
 @dataclass

@@ -37,6 +37,7 @@ import torch
 import xgrammar as xgr
 
 from minicpmv.engine.request import Sequence, TokenLogprob
+from minicpmv.tokenizer import TokenPieces
 
 _NEG_INF = float("-inf")
 # Exp(1) draws are clamped to this, so that a zero draw can't turn 0 / 0 into NaN (argmax would pick it).
@@ -153,6 +154,7 @@ class _Plan:
 class LogitsProcessor:
     def __init__(self, tokenizer, vocab_size: int, device: torch.device):
         self.tokenizer = tokenizer
+        self.pieces = TokenPieces(tokenizer)  # each token's own bytes and string, for logprobs
         self.vocab_size = vocab_size
         self.device = torch.device(device)
         # Ids the tokenizer doesn't know can't be decoded: never produce them. (A no-op for the real
@@ -193,12 +195,15 @@ class LogitsProcessor:
         n = len(plan.logprob_rows)
         for k, row in enumerate(plan.logprob_rows):
             token = token_ids[row]
-            entry = TokenLogprob(token, self.tokenizer.decode([token]), host[batch + k])
+            text, raw = self.pieces(token)
+            entry = TokenLogprob(token, text, host[batch + k], token_bytes=raw)
             asked = seqs[row].request.sampling.top_logprobs
             if asked:
                 values = host[batch + n + k * top : batch + n + k * top + asked]
                 ids = host[batch + n + n * top + k * top : batch + n + n * top + k * top + asked]
-                entry.top = [(int(i), self.tokenizer.decode([int(i)]), v) for v, i in zip(values, ids, strict=True)]
+                pieces = [self.pieces(int(i)) for i in ids]
+                entry.top = [(int(i), p[0], v) for v, i, p in zip(values, ids, pieces, strict=True)]
+                entry.top_bytes = [p[1] for p in pieces]
             results[row] = (token, entry)
         for row, seq in enumerate(seqs):
             if seq.grammar is not None:

