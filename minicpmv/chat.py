@@ -44,7 +44,7 @@ def format_chat(
     """Render ``messages`` with ``tokenizer``'s chat template.
 
     Rules: roles are system/user/assistant ("developer" is taken as system, as OpenAI does);
-    at most one system message, and it comes first; at least one user message; images only
+    at most one system message, and it comes first; at least one user or system message; images only
     in user messages. Every image of ``images`` must be used, each once. Raises ChatFormatError.
     """
     if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
@@ -69,8 +69,8 @@ def format_chat(
             raise ChatFormatError("the system message must be the first message")
         parts, used = _render_content(message.get("content"), i, role, supplied, used, ordered_images)
         rendered.append({"role": role, "content": "\n".join(parts)})
-    if not any(m["role"] == "user" for m in rendered):
-        raise ChatFormatError("messages must contain at least one user message")
+    if not any(m["role"] in ("user", "system") for m in rendered):  # a system message alone is answered
+        raise ChatFormatError("messages must contain at least one user or system message")
     if used != len(supplied):
         raise ChatFormatError(f"{len(supplied)} images were supplied but the messages reference {used}")
     prompt = tokenizer.apply_chat_template(

@@ -16,6 +16,22 @@ Contracts worth knowing:
   strings), so we blank them, which makes xgrammar treat them as never-valid special tokens.
 * Once the grammar is complete, only the stop tokens (``<|im_end|>``, ``<|endoftext|>``) are allowed;
   accepting one terminates the matcher.
+* Every grammar is intersected with xgrammar's built-in strict JSON grammar (:class:`JSONGrammar`): a token
+  is allowed only when both the schema's grammar and the JSON grammar allow it. xgrammar's schema converter
+  (0.2.x) lowers a string with ``minLength``/``maxLength`` to a repetition of one character class that
+  excludes only the quote, the backslash, CR and LF: it admits raw control characters (U+0000-U+001F, TAB
+  included), which JSON forbids inside strings, so outputs that ended with "stop" failed strict parsers
+  (``json.loads``, the openai SDK's ``parse``). Upstream this is
+  mlc-ai/xgrammar#800, with fixes proposed but not released, and the converter has no option to change it.
+  Two measures, so that neither depends on the other:
+  1. The intersection holds whatever the schema's keywords (lengths, patterns, formats, enums, nesting,
+     additionalProperties, propertyNames): the output is always JSON by the built-in grammar's definition,
+     which rejects control characters in strings, and follows the schema by the converter's. The cost is a
+     second bitmask per step for sequences in JSON mode (about 0.02 ms; the JSON grammar is compiled once).
+  2. The bounded-string production itself is rewritten in the converter's EBNF
+     (:func:`_with_escapes_in_bounded_strings`) to one JSON character: a raw code point other than the
+     controls, the quote and the backslash, or one escape. Without it such strings could hold no escape at all
+     (no quotes, backslashes or newlines in the text), the other half of xgrammar#800.
 """
 
 from __future__ import annotations
@@ -35,7 +51,25 @@ from minicpmv.tokenizer import DEFAULT_STOP_TOKEN_IDS
 
 logger = logging.getLogger(__name__)
 
-CompiledGrammar = xgr.CompiledGrammar
+
+
+class JSONGrammar:
+    """A compiled ``response_format``: the schema's grammar and the strict JSON grammar it is intersected with
+    (see the module's docstring). What :meth:`GrammarCompilerCache.compile` returns and :class:`GrammarState`
+    follows."""
+
+    __slots__ = ("schema", "json")
+
+    def __init__(self, schema: xgr.CompiledGrammar, json_grammar: xgr.CompiledGrammar) -> None:
+        self.schema = schema
+        self.json = json_grammar
+
+    @property
+    def tokenizer_info(self) -> xgr.TokenizerInfo:
+        return self.schema.tokenizer_info
+
+
+CompiledGrammar = JSONGrammar
 _DEFAULT_CACHE_SIZE = 64
 # Whitespace between JSON tokens is free-form (models pretty-print) but bounded: unbounded whitespace lets a
 # model loop on spaces until max_tokens, a known failure of grammar-constrained decoding. 16 characters
@@ -75,6 +109,7 @@ class GrammarCompilerCache:
         self.vocab_size = vocab_size
         self.tokenizer_info = _tokenizer_info(tokenizer, vocab_size, list(stop_token_ids))
         self._compiler = xgr.GrammarCompiler(self.tokenizer_info)
+        self._json_grammar: xgr.CompiledGrammar | None = None
         self._cache: OrderedDict[str, CompiledGrammar] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
@@ -123,11 +158,17 @@ class GrammarCompilerCache:
 
     def _compile_schema(self, canonical_schema: str) -> CompiledGrammar:
         try:
-            return self._compiler.compile_json_schema(canonical_schema, any_whitespace=True, strict_mode=True,
-                                                      max_whitespace_cnt=MAX_WHITESPACE)  # fmt: skip
+            grammar = xgr.Grammar.from_json_schema(canonical_schema, any_whitespace=True, strict_mode=True,
+                                                   max_whitespace_cnt=MAX_WHITESPACE)  # fmt: skip
         except RuntimeError as error:
             reason = _XGRAMMAR_LOCATION.sub("", str(error).strip())
             raise ValueError(f"response_format.json_schema.schema is not supported: {reason}") from error
+        return self._compiler.compile_grammar(_with_escapes_in_bounded_strings(grammar))
+
+    def _strict_json(self) -> xgr.CompiledGrammar:
+        if self._json_grammar is None:  # a race compiles it twice at worst; both results are the same
+            self._json_grammar = self._compiler.compile_builtin_json_grammar()
+        return self._json_grammar
 
     def _cached(self, key: str, build: Any) -> CompiledGrammar:
         with self._lock:
@@ -135,7 +176,7 @@ class GrammarCompilerCache:
             if grammar is not None:
                 self._cache.move_to_end(key)
                 return grammar
-        grammar = build()  # outside the lock: compiling a large schema can take a while
+        grammar = JSONGrammar(build(), self._strict_json())  # outside the lock: compiling can take a while
         with self._lock:
             self._cache[key] = grammar
             self._cache.move_to_end(key)
@@ -145,16 +186,18 @@ class GrammarCompilerCache:
 
 
 class GrammarState:
-    """The grammar matcher of one sequence: masks its logits and follows its sampled tokens.
+    """The grammar matchers of one sequence (the schema's and the strict JSON grammar's, in step): masks its
+    logits with the tokens both allow and follows its sampled tokens.
 
     Per step: :meth:`apply` to the sequence's logits row, sample, then :meth:`accept` the sampled token.
     """
 
     def __init__(self, compiled: CompiledGrammar) -> None:
-        self._matcher = xgr.GrammarMatcher(compiled)
+        self._matchers = [xgr.GrammarMatcher(compiled.schema), xgr.GrammarMatcher(compiled.json)]
         self.vocab_size = compiled.tokenizer_info.vocab_size
         # Packed: int32 of shape (1, ceil(vocab_size / 32)), bit j of word i = token 32 * i + j allowed.
         self._bitmask = xgr.allocate_token_bitmask(1, self.vocab_size)
+        self._other = xgr.allocate_token_bitmask(1, self.vocab_size)
 
     def apply(self, logits: torch.Tensor) -> None:
         """Set the logits of the tokens the grammar forbids next to -inf, in place.
@@ -167,9 +210,7 @@ class GrammarState:
         """
         if logits.dim() != 1 or logits.shape[0] != self.vocab_size:
             raise ValueError(f"logits must have shape ({self.vocab_size},), got {tuple(logits.shape)}")
-        if self._matcher.is_terminated():
-            raise ValueError("the grammar has terminated; no further token is allowed")
-        if not self._matcher.fill_next_token_bitmask(self._bitmask):
+        if not self.fill_bitmask(self._bitmask, 0):
             return  # every token is allowed
         bitmask = self._bitmask.to(logits.device, non_blocking=True)
         xgr.apply_token_bitmask_inplace(logits.unsqueeze(0), bitmask)
@@ -177,9 +218,17 @@ class GrammarState:
     def fill_bitmask(self, bitmask: torch.Tensor, index: int) -> bool:
         """Fill row ``index`` of a batch bitmask (``xgr.allocate_token_bitmask(B, vocab_size)``) with the
         tokens allowed next; False if every token is. Raises ValueError once the grammar has terminated."""
-        if self._matcher.is_terminated():
+        if self.is_terminated():
             raise ValueError("the grammar has terminated; no further token is allowed")
-        return self._matcher.fill_next_token_bitmask(bitmask, index)
+        schema, strict_json = self._matchers
+        restricted = schema.fill_next_token_bitmask(bitmask, index)
+        if strict_json.fill_next_token_bitmask(self._other, 0):
+            if restricted:
+                bitmask[index] &= self._other[0]
+            else:
+                bitmask[index] = self._other[0]
+            restricted = True
+        return restricted
 
     def allowed_mask(self) -> torch.Tensor:
         """The tokens allowed next, as a bool tensor of shape (vocab_size,) on the CPU."""
@@ -188,19 +237,45 @@ class GrammarState:
         return torch.isfinite(logits)
 
     def accept(self, token_id: int) -> bool:
-        """Advance the matcher by ``token_id``; False (state unchanged) if the grammar forbids it."""
-        accepted = self._matcher.accept_token(token_id)
+        """Advance the matchers by ``token_id``; False (state unchanged) if the grammar forbids it."""
+        schema, strict_json = self._matchers
+        accepted = schema.accept_token(token_id)
+        if accepted and not strict_json.accept_token(token_id):
+            schema.rollback(1)
+            accepted = False
         if not accepted:
             logger.debug("grammar rejected token %d", token_id)
         return accepted
 
     def is_completed(self) -> bool:
         """Whether the tokens accepted so far form a complete document (only stop tokens may follow)."""
-        return self._matcher.is_completed()
+        return all(m.is_completed() for m in self._matchers)
 
     def is_terminated(self) -> bool:
         """Whether a stop token has been accepted after a complete document; the sequence is done."""
-        return self._matcher.is_terminated()
+        return any(m.is_terminated() for m in self._matchers)
+
+
+# xgrammar's production for one character of a string with minLength/maxLength (see the module's docstring).
+_BOUNDED_STRING_CHARACTER = re.compile(r'^(\w+_characters) ::= \(\(\[\^\\"\\\\\\r\\n\]\)\)$', re.MULTILINE)
+# One JSON character, raw or escaped: a code point other than the controls, the quote and the backslash, or an
+# escape for one code point (a \uXXXX that is not half of a surrogate pair), so that each repetition is one
+# character of the decoded string, as minLength and maxLength count.
+_ESCAPE_RULE = "minicpmv_escape"
+_ONE_CHARACTER = f'(([^\\0-\\x1f\\"\\\\]) | ("\\\\" {_ESCAPE_RULE}))'
+_ESCAPE_DEFINITION = (f'{_ESCAPE_RULE} ::= ([\\"\\\\/bfnrt]) | ("u" [0-9A-Ca-cE-Fe-f] [0-9A-Fa-f] [0-9A-Fa-f] '
+                      '[0-9A-Fa-f]) | ("u" [Dd] [0-7] [0-9A-Fa-f] [0-9A-Fa-f])')
+
+
+def _with_escapes_in_bounded_strings(grammar: xgr.Grammar) -> xgr.Grammar:
+    """``grammar`` with the character of length-bounded strings rewritten to :data:`_ONE_CHARACTER`: escapes
+    (quotes, backslashes, newlines in the text) become possible there, raw control characters do not. A grammar
+    without such strings, or an xgrammar that writes them differently, is returned unchanged (the intersection
+    with the strict JSON grammar still keeps the output valid JSON)."""
+    text, count = _BOUNDED_STRING_CHARACTER.subn(lambda m: f"{m[1]} ::= {_ONE_CHARACTER}", str(grammar))
+    if not count:
+        return grammar
+    return xgr.Grammar.from_ebnf(f"{text}\n{_ESCAPE_DEFINITION}\n")
 
 
 def _tokenizer_info(tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) -> xgr.TokenizerInfo:

@@ -58,7 +58,7 @@ def test_images_are_placed_where_they_occur_and_parts_joined_by_newline(tokenize
          None, "at most one system message"),
         ([{"role": "user", "content": "c"}, {"role": "system", "content": "a"}], None, "first message"),
         ([{"role": "tool", "content": "x"}], None, "role must be one of"),
-        ([{"role": "system", "content": "x"}], None, "at least one user"),
+        ([{"role": "assistant", "content": "x"}], None, "at least one user or system message"),
         ([{"role": "user", "content": [{"type": "image"}]}], None, "more images than were supplied"),
         ([{"role": "user", "content": "hi"}], [img("red")], "1 images were supplied but the messages reference 0"),
         ([{"role": "user", "content": [{"type": "audio"}]}], None, "unsupported content part type"),
@@ -78,3 +78,9 @@ def test_developer_role_is_system(tokenizer):
         [{"role": "developer", "content": "Rules"}, {"role": "user", "content": "Hi"}], tokenizer
     )
     assert chat.prompt.startswith("<|im_start|>system\nRules<|im_end|>")
+
+
+def test_a_system_message_alone_is_a_prompt(tokenizer):
+    # OpenAI answers a request with only a system (or developer) message; so do we (issue 15, D8).
+    chat = format_chat([{"role": "developer", "content": "Say hello."}], tokenizer)
+    assert chat.prompt == "<|im_start|>system\nSay hello.<|im_end|>\n<|im_start|>assistant\n"
