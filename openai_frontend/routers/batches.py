@@ -1,0 +1,88 @@
+"""OpenAI's Batch API: POST/GET /v1/batches, GET /v1/batches/{id}, POST /v1/batches/{id}/cancel. The lines run
+in the background (openai_frontend/batch/runner.py); state lives in SQLite (openai_frontend/batch/store.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, ConfigDict
+
+from openai_frontend.batch import validation
+from openai_frontend.batch.objects import batch_object, page
+from openai_frontend.errors import APIError, ErrorResponse, invalid
+from openai_frontend.routers.files import _file_row, store_of
+
+router = APIRouter()
+_ERRORS = {400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
+           409: {"model": ErrorResponse}}  # fmt: skip
+WINDOWS = {"24h": 24 * 3600}
+
+
+class BatchCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    input_file_id: str
+    endpoint: str
+    completion_window: str
+    metadata: dict[str, Any] | None = None
+    output_expires_after: dict[str, Any] | None = None  # accepted; output files are kept until deleted
+
+
+@router.post("/v1/batches", responses=_ERRORS, summary="Create a batch from an uploaded JSONL file")
+async def create_batch(body: BatchCreate, request: Request):
+    store = store_of(request)
+    settings = request.app.state.settings
+    validation.check_endpoint(body.endpoint)
+    if body.completion_window not in WINDOWS:
+        raise invalid("completion_window must be \"24h\"", "completion_window")
+    validation.check_metadata(body.metadata)
+    validation.check_file_id(body.input_file_id, "input_file_id")
+    row = await _file_row(store, body.input_file_id)
+    if row["purpose"] != "batch":
+        raise invalid(f"file {row['id']} has purpose {row['purpose']!r}; a batch needs a file uploaded with purpose "
+                      "\"batch\"", "input_file_id")  # fmt: skip
+    scan = await asyncio.to_thread(validation.scan, store.sync.file_path(row["id"]), settings.batch_max_lines)
+    if scan.url != body.endpoint:
+        raise invalid(f"the file's requests go to {scan.url!r}, but the batch's endpoint is {body.endpoint!r}"[:300],
+                      "endpoint", code="endpoint_mismatch")  # fmt: skip
+    if await store.open_batches() >= settings.batch_max_open_batches:
+        raise invalid(f"{settings.batch_max_open_batches} batches are already open (the server's limit); wait for "
+                      "one to finish or cancel one", code="too_many_open_batches")  # fmt: skip
+    batch = await store.create_batch(row["id"], body.endpoint, body.completion_window, body.metadata, scan,
+                                     WINDOWS[body.completion_window])  # fmt: skip
+    request.app.state.batch_runner.wake()
+    return batch_object(batch)
+
+
+async def _batch(request: Request, batch_id: str) -> dict:
+    validation.check_batch_id(batch_id)
+    batch = await store_of(request).get_batch(batch_id)
+    if batch is None:
+        raise APIError(404, f"no such batch: {batch_id}", param="batch_id", code="batch_not_found")
+    return batch
+
+
+@router.get("/v1/batches", responses=_ERRORS, summary="List batches, newest first")
+async def list_batches(request: Request, limit: Annotated[int, Query(ge=1, le=100)] = 20, after: str | None = None):
+    rows, has_more = await store_of(request).list_batches(limit, after)
+    return page([batch_object(r) for r in rows], has_more)
+
+
+@router.get("/v1/batches/{batch_id}", responses=_ERRORS, summary="Retrieve a batch")
+async def retrieve_batch(request: Request, batch_id: str):
+    return batch_object(await _batch(request, batch_id))
+
+
+@router.post("/v1/batches/{batch_id}/cancel", responses=_ERRORS, summary="Cancel a batch")
+async def cancel_batch(request: Request, batch_id: str):
+    batch = await _batch(request, batch_id)
+    store = store_of(request)
+    if batch["status"] not in ("cancelling", "cancelled"):
+        if not await store.set_status(batch_id, "cancelling", only_from=("validating", "in_progress")):
+            current = (await store.get_batch(batch_id))["status"]
+            raise APIError(409, f"cannot cancel a batch that is {current}", param="batch_id",
+                           code="batch_not_cancellable")  # fmt: skip
+        request.app.state.batch_runner.wake()
+    return batch_object(await store.get_batch(batch_id))
