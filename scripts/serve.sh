@@ -4,6 +4,22 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
+# A script that starts serve.sh in the background (`serve.sh &`) starts it with SIGINT ignored, and bash cannot
+# trap a signal that was ignored on entry: in that case start again with SIGINT at its default, so that Ctrl-C
+# (or `kill -INT`) stops everything as the trap below says.
+if [[ -z "${MINICPMV_SERVE_SIGINT_RESET:-}" && -r "/proc/$$/status" ]]; then
+  ignored="$(awk '/^SigIgn:/ {print $2}' "/proc/$$/status")"
+  if (( (16#${ignored:-0} >> 1) & 1 )); then  # bit 1 is SIGINT (2)
+    export MINICPMV_SERVE_SIGINT_RESET=1
+    if env --default-signal=INT true 2>/dev/null; then
+      exec env --default-signal=INT "$BASH" "${BASH_SOURCE[0]}" "$@"
+    fi
+    exec python3 -c 'import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])' \
+      "$BASH" "${BASH_SOURCE[0]}" "$@"
+  fi
+fi
+unset MINICPMV_SERVE_SIGINT_RESET
+
 usage() {
   cat <<'EOF'
 Usage: ./scripts/serve.sh [options]
@@ -43,6 +59,10 @@ Environment:
   MINICPMV_DEMO_DIR             where --demo keeps its checkpoints (default: .cache/demo-checkpoints)
   MINICPMV_SERVE_LOG_DIR        where the tritonserver log goes (default: .cache/serve)
   MINICPMV_READY_TIMEOUT        seconds to wait for the models to load (default: 900)
+
+Stopping: Ctrl-C, SIGINT or SIGTERM (also to a serve.sh started in the background) stops the frontend and
+tritonserver within 30 s (tritonserver drains for up to 15 s). Even when serve.sh is killed outright
+(SIGKILL), a watchdog (scripts/serve_watchdog.py) stops what it started within 30 s.
 
 Exit status: 0 when Ctrl-C or SIGTERM stopped everything, 1 when something failed (also when tritonserver
 or the frontend ended on its own), 2 for a usage error.
@@ -194,23 +214,38 @@ done
 
 # --- processes -------------------------------------------------------------------------------------------
 TRITON_PID="" FRONTEND_PID="" STOPPING=0
+EXIT_TIMEOUT=15  # tritonserver's drain on a stop; the whole stop takes at most 30 s (stop_all below)
 
 alive() { [[ -n "$1" ]] && kill -0 "$1" 2>/dev/null; }
 
-stop_all() {
-  # Each child leads its own process group (started under `set -m`): the group gets the signal.
-  local pid waited=0
+signal_children() {
+  local pid
   for pid in "$FRONTEND_PID" "$TRITON_PID"; do
-    alive "$pid" && kill -TERM -- "-$pid" 2>/dev/null || true
+    if alive "$pid"; then kill "-$1" -- "-$pid" 2>/dev/null || true; fi
   done
-  # launch_triton.py lets tritonserver drain (--exit-timeout 30 s) and kills it 10 s later at most.
-  while { alive "$FRONTEND_PID" || alive "$TRITON_PID"; } && ((waited < 600)); do
+}
+
+wait_children() {  # tenths of a second at most
+  local waited=0
+  while { alive "$FRONTEND_PID" || alive "$TRITON_PID"; } && ((waited < $1)); do
     sleep 0.1; waited=$((waited + 1))
   done
+}
+
+stop_all() {
+  # Each child leads its own process group (started under `set -m`): the group gets the signal. SIGTERM lets
+  # tritonserver drain (EXIT_TIMEOUT); a second SIGTERM makes launch_triton.py kill it and uvicorn stop waiting
+  # for open connections; SIGKILL at 27 s. tritonserver runs in a session of its own (launch_triton.py): were its
+  # launcher killed first, the watchdog stops it once this script has exited.
+  signal_children TERM
+  wait_children 200
+  signal_children TERM
+  wait_children 70
+  if alive "$FRONTEND_PID" || alive "$TRITON_PID"; then say "not stopped in time: killing"; signal_children KILL; fi
+  local pid
   for pid in "$FRONTEND_PID" "$TRITON_PID"; do
-    if alive "$pid"; then say "process group $pid did not stop in time: killing it"; kill -KILL -- "-$pid" 2>/dev/null || true; fi
+    if [[ -n "$pid" ]]; then wait "$pid" 2>/dev/null || true; fi
   done
-  wait 2>/dev/null || true
 }
 
 # shellcheck disable=SC2329  # called by the traps below
@@ -248,6 +283,12 @@ wait_until_ready() {  # name, pid, timeout seconds, url... : 0 when all URLs ans
   done
 }
 
+# The watchdog (its own process group, so that Ctrl-C in a terminal reaches only this script and the servers):
+# once this script is gone, even by SIGKILL, it stops whatever the script started.
+set -m
+"$PY" "$ROOT/scripts/serve_watchdog.py" "$$" </dev/null >&2 &
+set +m
+
 LOG_DIR="${MINICPMV_SERVE_LOG_DIR:-$ROOT/.cache/serve}"
 mkdir -p "$LOG_DIR"
 TRITON_LOG="$LOG_DIR/tritonserver-$HTTP_PORT.log"
@@ -257,7 +298,7 @@ MODELS_CSV="$(IFS=,; echo "${MODELS[*]}")"
 triton_args=(
   --models "$MODELS_CSV" --device "$DEVICE" --address "$HOST"
   --http-port "$HTTP_PORT" --grpc-port "$GRPC_PORT" --metrics-port "$METRICS_PORT"
-  --ready-timeout "$READY_TIMEOUT" --log-file "$TRITON_LOG" --quiet
+  --ready-timeout "$READY_TIMEOUT" --exit-timeout "$EXIT_TIMEOUT" --log-file "$TRITON_LOG" --quiet
 )
 [[ -n "${CKPT_PATH[full]:-}" ]] && triton_args+=(--checkpoint-full "${CKPT_PATH[full]}")
 [[ -n "${CKPT_PATH[int4]:-}" ]] && triton_args+=(--checkpoint-int4 "${CKPT_PATH[int4]}")

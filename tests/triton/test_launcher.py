@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import tritonclient.http as httpclient
 
@@ -46,6 +48,17 @@ class TritonPythonModel:
             responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT0", data)]))
         return responses
 '''
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs (zombies waiting for a reaper do not count)."""
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+        except ProcessLookupError:
+            continue
+    return False
 
 
 def write_echo_model(repository: Path, name: str) -> None:
@@ -117,16 +130,18 @@ def test_metrics_port_serves(echo_server: TritonServer) -> None:
         assert b"nv_inference_request_success" in response.read()
 
 
-def test_stop_ends_process_within_timeout(repository: Path, tmp_path: Path) -> None:
+def test_stop_ends_the_server_gracefully(repository: Path, tmp_path: Path) -> None:
     server = TritonServer(
         repository, models=["echo"], exit_timeout=10, address="127.0.0.1", log_path=tmp_path / "server.log"
     )
     server.start()
     server.wait_ready(timeout=60)
-    started = time.monotonic()
-    code = server.stop(timeout=15)
-    assert time.monotonic() - started < 15
+    code = server.stop(timeout=15)  # past 15 s it would SIGKILL: the status would be -9, not 0
     assert code == 0
+    deadline = time.monotonic() + 10  # nothing of its process group is left (backend stubs included)
+    while group_alive(server.process.pid):
+        assert time.monotonic() < deadline, "processes of the server's group outlived stop()"
+        time.sleep(0.05)
     assert server.returncode == 0
     assert "successfully unloaded 'echo'" in server.log_tail()
     assert server.stop() == 0  # idempotent

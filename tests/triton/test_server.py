@@ -202,7 +202,10 @@ def test_concurrent_requests_are_batched_by_triton_and_by_the_engine(server):
     probe.close()
     assert inferences - inferences0 == 8
     assert executions - executions0 < 8  # Triton's dynamic batcher handed several requests to one execute()
-    time.sleep(0.3)  # the counters are published every 50 ms
+    deadline = time.monotonic() + 10  # the counters are published every 50 ms
+    while metric(server, "minicpmv_generated_tokens_total", model) - tokens0 < 8 * 30:
+        assert time.monotonic() < deadline, "the generated tokens were not all published"
+        time.sleep(0.05)
     tokens = metric(server, "minicpmv_generated_tokens_total", model) - tokens0
     steps = metric(server, "minicpmv_decode_steps_total", model) - steps0
     assert tokens == 8 * 30

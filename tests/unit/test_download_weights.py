@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -181,9 +180,7 @@ def test_check_only_fails_on_another_model(tiny_full, tmp_path):
 
 
 def test_without_hub_access_fails_fast_and_says_what_to_do(tmp_path):
-    start = time.monotonic()
-    result = run_script("--model", "both", hf_home=tmp_path)
-    assert time.monotonic() - start < 30
+    result = run_script("--model", "both", hf_home=tmp_path, timeout=60)  # "fast": endless retries time out
     assert result.returncode == 1 and result.stdout == ""
     assert "could not be reached" in result.stderr and "openbmb/MiniCPM-V-2_6" in result.stderr
     # The full model comes first and fails first; the advice names its own flag and variable.

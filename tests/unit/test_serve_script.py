@@ -7,13 +7,16 @@ server. (The whole stack with --demo is tested end to end with the frontend's te
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from minicpmv_triton.launcher import free_port
@@ -81,9 +84,7 @@ def test_usage_errors_exit_2(tmp_path, args, message):
 
 
 def test_without_hub_access_fails_fast_and_suggests_the_demo(tmp_path):
-    start = time.monotonic()
-    result = run_serve(*ports(), tmp_path=tmp_path, timeout=60)
-    assert time.monotonic() - start < 60
+    result = run_serve(*ports(), tmp_path=tmp_path, timeout=60)  # "fast": a hang or endless retries time out
     assert result.returncode == 1
     assert "openbmb/MiniCPM-V-2_6-int4" in result.stderr and "could not be reached" in result.stderr
     assert "./scripts/serve.sh --demo" in result.stderr
@@ -127,3 +128,53 @@ def test_setup_script_modes():
     assert usage.returncode == 0 and "--serve" in usage.stdout and "--dev" in usage.stdout
     wrong = subprocess.run(["bash", str(setup), "--prod"], capture_output=True, text=True, check=False)
     assert wrong.returncode == 2 and "unknown option --prod" in wrong.stderr
+
+
+# --- the watchdog (scripts/serve_watchdog.py), with sleep processes standing in for the servers -------------
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_the_watchdog_stops_what_its_parent_started_once_the_parent_is_killed(tmp_path):
+    """As serve.sh uses it: a parent starts the watchdog and two children in process groups of their own (one of
+    them ignores SIGTERM, so only the SIGKILL stops it) and is then killed with SIGKILL. The watchdog stops both
+    children and leaves alone the process in the parent's own group (a caller's group must never be hit)."""
+    watchdog = ROOT / "scripts" / "serve_watchdog.py"
+    script = f"""
+set -m
+"{sys.executable}" "{watchdog}" $$ --second-term 1 --kill 2 --verbose 2>"{tmp_path}/watchdog.log" &
+sleep 1000 & echo $!
+(trap '' TERM; exec sleep 1000) & echo $!
+set +m
+exec 1>&-
+sleep 1000; true  # (not the last command: bash would exec it in its place)
+"""
+    (tmp_path / "watchdog.log").touch()
+    parent = subprocess.Popen(["bash", "-c", script], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    children = [int(parent.stdout.readline()), int(parent.stdout.readline())]
+    bystander: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 30
+        while str(sorted(children)) not in (tmp_path / "watchdog.log").read_text():  # it knows both groups
+            assert time.monotonic() < deadline, (tmp_path / "watchdog.log").read_text()
+            time.sleep(0.05)
+        bystander = [p for p in psutil.Process(parent.pid).children() if p.pid not in children and p.name() == "sleep"]
+        assert len(bystander) == 1
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 30
+        while any(_running(pid) for pid in children):
+            assert time.monotonic() < deadline, "the watchdog left the children running"
+            time.sleep(0.05)
+        assert _running(bystander[0].pid)  # the parent's own group: not the watchdog's
+    finally:
+        parent.kill()
+        parent.wait()
+        for pid in [*children, *(p.pid for p in bystander)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
