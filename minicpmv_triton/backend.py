@@ -16,7 +16,16 @@ from dataclasses import dataclass, field
 
 import triton_python_backend_utils as pb_utils
 
-from minicpmv.engine.errors import InvalidRequestError, QueueFullError
+from minicpmv.engine.errors import (
+    CANCELLED,
+    ENGINE_SHUT_DOWN,
+    INTERNAL_ERROR,
+    UNAVAILABLE,
+    EngineStoppedError,
+    InvalidRequestError,
+    QueueFullError,
+    wire_message,
+)
 from minicpmv.engine.request import FINISH_CANCELLED, Delta
 from minicpmv_triton.parameters import ModelParameters
 from minicpmv_triton.tensors import ParsedRequest, parse_request, response_tensors
@@ -97,15 +106,18 @@ class TritonPythonModel:
                 active.prompt_text = state.prompt
                 self.engine.enqueue(state)
             except InvalidRequestError as e:
-                self._fail(request_id, sender, str(e), pb_utils.TritonError.INVALID_ARG)
-            except QueueFullError as e:
-                self._fail(request_id, sender, str(e), pb_utils.TritonError.UNAVAILABLE)
+                self._fail(request_id, sender, e.wire(), pb_utils.TritonError.INVALID_ARG)
+            except (QueueFullError, EngineStoppedError) as e:
+                self._fail(request_id, sender, e.wire(), pb_utils.TritonError.UNAVAILABLE)
             except Exception as e:  # noqa: BLE001 - a request must always be answered
                 logger.exception("request %s failed", request_id)
-                self._fail(request_id, sender, f"internal error: {type(e).__name__}", pb_utils.TritonError.INTERNAL)
+                message = wire_message(INTERNAL_ERROR, f"internal error: {type(e).__name__}")
+                self._fail(request_id, sender, message, pb_utils.TritonError.INTERNAL)
         return None
 
     def _fail(self, request_id: str, sender, message: str, code) -> None:
+        """Answer with an error; ``message`` is the coded JSON of minicpmv/engine/errors.py (the frontend maps its
+        code: Triton's gRPC stream carries no status)."""
         with self._lock:
             active = self._active.pop(request_id, None)
         response = pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
@@ -117,8 +129,11 @@ class TritonPythonModel:
     def _on_delta(self, active: _Active, delta: Delta) -> None:
         """Runs on the engine's output thread (never between two model steps)."""
         self._metrics.tokens.increment(len(delta.token_ids))
-        if delta.error:
-            self._fail(active.request_id, active.sender, delta.error, pb_utils.TritonError.INTERNAL)
+        if delta.error:  # the engine failed a step, or shut down with the request unfinished
+            stopped = delta.error == ENGINE_SHUT_DOWN
+            message = wire_message(UNAVAILABLE if stopped else INTERNAL_ERROR, delta.error)
+            code = pb_utils.TritonError.UNAVAILABLE if stopped else pb_utils.TritonError.INTERNAL
+            self._fail(active.request_id, active.sender, message, code)
             return
         if delta.finish_reason == FINISH_CANCELLED:
             with active.lock:
@@ -127,14 +142,15 @@ class TritonPythonModel:
             if done:
                 with self._lock:
                     self._active.pop(active.request_id, None)
-                error = pb_utils.TritonError("request cancelled", pb_utils.TritonError.CANCELLED)
+                error = pb_utils.TritonError(wire_message(CANCELLED, "request cancelled"),
+                                             pb_utils.TritonError.CANCELLED)  # fmt: skip
                 active.send(pb_utils.InferenceResponse(error=error), final=True)
             return
         parsed = active.parsed
         with active.lock:
             if parsed.stream:
                 text = delta.text
-                send = bool(text) or delta.finish_reason is not None or parsed.return_logprobs
+                send = bool(text) or delta.finish_reason is not None or bool(parsed.return_logprobs and delta.logprobs)
             else:
                 active.texts[delta.index] = active.texts.get(delta.index, "") + delta.text
                 active.logprobs.setdefault(delta.index, []).extend(delta.logprobs or [])

@@ -9,12 +9,14 @@ from collections.abc import Callable
 import httpx
 from fastapi import APIRouter, Depends, FastAPI
 
-from openai_frontend import __version__, errors
+from openai_frontend import __version__, errors, web
 from openai_frontend.backend import InferenceBackend
+from openai_frontend.balancer import BalancedBackend
+from openai_frontend.batch.runner import start_batches, stop_batches
 from openai_frontend.dependencies import require_api_key
 from openai_frontend.metrics import Metrics
 from openai_frontend.models import ModelRegistry
-from openai_frontend.routers import chat, health, models
+from openai_frontend.routers import batches, chat, files, health, models, responses
 from openai_frontend.serving import ChatService
 from openai_frontend.settings import Settings
 
@@ -24,7 +26,11 @@ logger = logging.getLogger(__name__)
 def _triton(settings: Settings) -> InferenceBackend:
     from openai_frontend.triton_client import TritonBackend  # the only tritonclient user
 
-    return TritonBackend(settings.triton_grpc_url, settings.triton_http_url)
+    endpoints = settings.triton_endpoints()
+    if len(endpoints) == 1:
+        return TritonBackend(*endpoints[0])
+    backends = {grpc: TritonBackend(grpc, http) for grpc, http in endpoints}
+    return BalancedBackend(backends, probe_interval=settings.triton_probe_interval)
 
 
 class BodyLimit:
@@ -77,10 +83,12 @@ def create_app(settings: Settings | None = None,
         app.state.registry = ModelRegistry(settings, backend)
         app.state.chat = ChatService(settings, backend, metrics)
         app.state.http = httpx.AsyncClient(follow_redirects=False) if settings.allow_remote_images else None
+        start_batches(app.state)  # the Batch API's store and runner (openai_frontend/batch/)
         logger.info("frontend ready; Triton at grpc=%s http=%s", settings.triton_grpc_url, settings.triton_http_url)
         try:
             yield
         finally:
+            await stop_batches(app.state)
             if app.state.http is not None:
                 await app.state.http.aclose()
             await backend.close()
@@ -91,12 +99,19 @@ def create_app(settings: Settings | None = None,
         description="OpenAI chat completions (text, images, streaming, JSON mode) for MiniCPM-V 2.6 on Triton. "
         "Every error answers {\"error\": {\"message\", \"type\", \"param\", \"code\"}}.",
         lifespan=lifespan,
+        docs_url=None,  # web.install_docs serves /docs with local assets; ReDoc would need a CDN
+        redoc_url=None,
     )
     errors.install(app)
+    web.install_docs(app)
     v1 = APIRouter(dependencies=[Depends(require_api_key)])
     v1.include_router(chat.router)
+    v1.include_router(responses.router)
     v1.include_router(models.router)
+    v1.include_router(files.router)
+    v1.include_router(batches.router)
     app.include_router(v1)
     app.include_router(health.router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    web.add_http_middleware(app, settings)  # CORS and x-request-id, outermost
     return app

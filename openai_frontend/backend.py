@@ -18,11 +18,12 @@ class BackendError(Exception):
     INTERNAL = "internal"
     CANCELLED = "cancelled"
 
-    def __init__(self, kind: str, message: str, code: str | None = None):
+    def __init__(self, kind: str, message: str, code: str | None = None, param: str | None = None):
         super().__init__(message)
         self.kind = kind
         self.message = message
         self.code = code
+        self.param = param  # the request field at fault, where the backend says
 
 
 @dataclass
@@ -40,13 +41,19 @@ class GenerateRequest:
     sampling: dict[str, Any] = field(default_factory=dict)
     stream: bool = False
     logprobs: bool = False
+    # The frontend's own: a tools.ToolPlan when the answer is a tool-call envelope (not sent to the backend).
+    tools: Any = None
 
 
 @dataclass
 class TokenLogprob:
+    """A token's logprob, as OpenAI's fields: ``bytes`` are the token's own raw bytes (None when it has none,
+    e.g. a special token); ``top_logprobs`` holds (token, logprob, bytes) of the most likely alternatives."""
+
     token: str
     logprob: float
-    top_logprobs: list[tuple[str, float]] = field(default_factory=list)
+    top_logprobs: list[tuple[str, float, list[int] | None]] = field(default_factory=list)
+    bytes: list[int] | None = None
 
 
 @dataclass

@@ -24,6 +24,8 @@ _BACKEND_STATUS = {
     BackendError.INTERNAL: (500, "internal_error"),
     BackendError.CANCELLED: (499, "cancelled"),
 }
+# Seconds a 429 asks the client to wait (Retry-After): slots free as requests finish, typically within seconds.
+RETRY_AFTER_SECONDS = 1
 _HTTP_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -48,32 +50,43 @@ class ErrorResponse(BaseModel):
 
 
 class APIError(Exception):
-    """A failure the client should see, with its HTTP status."""
+    """A failure the client should see, with its HTTP status (and headers: every 429 says when to retry)."""
 
     def __init__(self, status: int, message: str, *, type: str | None = None, param: str | None = None,
-                 code: str | None = None):  # fmt: skip
+                 code: str | None = None, headers: dict[str, str] | None = None):  # fmt: skip
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type or _HTTP_TYPES.get(status, "invalid_request_error" if status < 500 else "internal_error")
         self.param = param
         self.code = code
+        self.headers = dict(headers or {})
+        if status == 429:
+            self.headers.setdefault("Retry-After", str(RETRY_AFTER_SECONDS))
 
     def info(self) -> ErrorInfo:
         return ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code)
 
     def response(self) -> JSONResponse:
-        return JSONResponse(ErrorResponse(error=self.info()).model_dump(), status_code=self.status)
+        return JSONResponse(ErrorResponse(error=self.info()).model_dump(), status_code=self.status,
+                            headers=self.headers or None)  # fmt: skip
 
 
 def invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
 
 
+def context_length_message(limit: int, prompt_tokens: int, completion_tokens: int) -> str:
+    """OpenAI's wording, which clients match on (LiteLLM's ContextWindowExceededError, for one)."""
+    return (f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{prompt_tokens + completion_tokens} tokens ({prompt_tokens} in the messages, {completion_tokens} in the "
+            "completion). Please reduce the length of the messages or completion.")  # fmt: skip
+
+
 def from_backend(error: BackendError) -> APIError:
     status, kind = _BACKEND_STATUS[error.kind]
     code = error.code or (None if error.kind == BackendError.INVALID else error.kind)
-    return APIError(status, error.message, type=kind, code=code)
+    return APIError(status, error.message, type=kind, param=error.param, code=code)
 
 
 def to_api_error(exc: BaseException) -> APIError:
@@ -120,7 +133,10 @@ def install(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else "error"
         if exc.status_code == 404:
             message = f"no such endpoint: {request.method} {request.url.path}"
-        return APIError(exc.status_code, message).response()
+        elif exc.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path}"
+        # Starlette's 405 carries Allow (RFC 9110 requires it); keep whatever headers the exception has.
+        return APIError(exc.status_code, message, headers=getattr(exc, "headers", None)).response()
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

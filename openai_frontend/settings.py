@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "MINICPMV_FRONTEND_"
@@ -29,9 +29,11 @@ class Settings(BaseSettings):
     port: int = Field(9000, ge=1, le=65535)
     log_level: str = "info"
 
-    # Triton: gRPC (streaming) for generation, HTTP for health and the model list.
+    # Triton: gRPC (streaming) for generation, HTTP for health and the model list. Several servers: both as
+    # comma-separated lists, paired in order (openai_frontend/balancer.py spreads requests over them).
     triton_grpc_url: str = "127.0.0.1:8001"
     triton_http_url: str = "127.0.0.1:8000"
+    triton_probe_interval: float = Field(2.0, gt=0, description="seconds between probes of a Triton that is down")
     # Served models (Triton names). Empty: every model Triton reports READY.
     models: CommaList = Field(default_factory=list)
 
@@ -59,12 +61,42 @@ class Settings(BaseSettings):
     remote_image_hosts: CommaList = Field(default_factory=list)
     remote_image_timeout: float = Field(10.0, gt=0)
 
-    @field_validator("models", "api_keys", "remote_image_hosts", mode="before")
+    # CORS for browser clients: off unless origins are listed ("*": any origin; credentials then stay off).
+    cors_allow_origins: CommaList = Field(default_factory=list)
+    cors_allow_credentials: bool = False
+
+    # Batch API (/v1/files, /v1/batches; openai_frontend/batch/): state in SQLite, file bodies under the data
+    # directory. The runner's concurrency stays below MAX_CONCURRENT_REQUESTS and drops to BATCH_CONCURRENCY_BUSY
+    # while interactive requests are in flight, so interactive traffic keeps priority.
+    batch_enabled: bool = True
+    batch_data_dir: str = "~/.local/share/minicpmv-serve/batches"
+    batch_db_path: str = Field("", description="SQLite database (default: <batch_data_dir>/batches.sqlite3)")
+    batch_concurrency: int = Field(8, ge=1, description="batch lines in flight at most")
+    batch_concurrency_busy: int = Field(2, ge=0, description="batch lines in flight while interactive requests run")
+    batch_max_attempts: int = Field(3, ge=1, description="tries of a line that fails with 500 or 504")
+    batch_max_file_bytes: int = Field(50 * 2**20, ge=1, description="largest upload (also capped by MAX_BODY_BYTES)")
+    batch_max_lines: int = Field(50_000, ge=1, description="requests per batch file")
+    batch_max_open_batches: int = Field(16, ge=1, description="batches not yet finished")
+    batch_max_disk_bytes: int = Field(10 * 2**30, ge=1, description="all stored files together (input and output)")
+
+    @field_validator("models", "api_keys", "remote_image_hosts", "cors_allow_origins", mode="before")
     @classmethod
     def _split(cls, value):
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _paired_endpoints(self) -> Settings:
+        grpc, http = _urls(self.triton_grpc_url), _urls(self.triton_http_url)
+        if not grpc or len(grpc) != len(http):
+            raise ValueError(f"triton_grpc_url and triton_http_url must list the same number of servers, in the "
+                             f"same order (got {len(grpc)} and {len(http)})")  # fmt: skip
+        return self
+
+    def triton_endpoints(self) -> list[tuple[str, str]]:
+        """(gRPC URL, HTTP URL) of each Triton server."""
+        return list(zip(_urls(self.triton_grpc_url), _urls(self.triton_http_url), strict=True))
 
     @field_validator("log_level")
     @classmethod
@@ -73,3 +105,7 @@ class Settings(BaseSettings):
         if value not in ("critical", "error", "warning", "info", "debug"):
             raise ValueError("log_level must be one of critical, error, warning, info, debug")
         return value
+
+
+def _urls(value: str) -> list[str]:
+    return [url.strip() for url in value.split(",") if url.strip()]

@@ -1,9 +1,9 @@
 """:class:`InferenceBackend` on Triton: gRPC streaming (tritonclient.grpc.aio) for generation, HTTP
 (tritonclient.http.aio) for health and the model list. The only module that imports tritonclient.
 
-Triton's gRPC stream carries an error as a bare message (no status code), so errors are classified by
-the messages our model and Triton are known to send; anything unrecognised is an invalid request, since
-the backend reports server-side failures as "internal error: ..."."""
+Triton's gRPC stream carries an error as a bare message (no status code), so our model sends each error as a
+JSON object with a stable code (minicpmv/engine/errors.py) and ``classify`` maps the code; errors without one
+are Triton's own."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import tritonclient.http.aio as httpaio
 from tritonclient.utils import InferenceServerException
 
 from openai_frontend.backend import BackendError, GenerateChunk, GenerateRequest, TokenLogprob
+from openai_frontend.errors import context_length_message
 
 logger = logging.getLogger(__name__)
 
@@ -34,23 +35,68 @@ _CHANNEL_ARGS = [
     ("grpc.keepalive_time_ms", 30000),
     ("grpc.keepalive_timeout_ms", 10000),
 ]
-_QUEUE_FULL = ("exceeds maximum queue size", "requests are already waiting")
-_UNAVAILABLE = ("unknown model", "is not ready", "not found", "unavailable", "shut down", "stopped")
+# Triton's own errors (ours always come as a coded JSON object, see classify): fixed phrases of the server.
+_TRITON_QUEUE_FULL = ("exceeds maximum queue size",)
+_TRITON_UNAVAILABLE = ("unknown model", "is not ready", "not found", "unavailable", "shut down", "stopped")
+# The codes of minicpmv/engine/errors.py (and the backend's cancelled / internal_error) -> the frontend's kinds.
+_KINDS = {
+    "invalid_request": BackendError.INVALID,
+    "context_length_exceeded": BackendError.INVALID,
+    "queue_full": BackendError.QUEUE_FULL,
+    "unavailable": BackendError.UNAVAILABLE,
+    "cancelled": BackendError.CANCELLED,
+    "internal_error": BackendError.INTERNAL,
+}
+_WIRE_KEY = "minicpmv_error"
+
+
+def _coded(message: str) -> dict | None:
+    """The coded error our backend sends (``{"minicpmv_error": {...}}``, possibly after a prefix Triton adds,
+    such as ``[request id: ...]``), or None for an error of Triton's own."""
+    start = message.find("{")
+    if start < 0:
+        return None
+    try:
+        data = json.loads(message[start:])
+    except ValueError:
+        return None
+    error = data.get(_WIRE_KEY) if isinstance(data, dict) else None
+    return error if isinstance(error, dict) and error.get("code") in _KINDS else None
 
 
 def classify(message: str) -> BackendError:
-    """A Triton error message -> BackendError of the right kind."""
+    """A Triton error message -> BackendError of the right kind. Our backend's errors carry a code, mapped
+    here; the message text (which may quote the client's input) never decides. Errors without a code are
+    Triton's own, recognised by its fixed phrases; anything else about a request Triton refused is invalid."""
+    error = _coded(message)
+    if error is not None:
+        code, text, param = error["code"], str(error.get("message", "")), error.get("param")
+        kind = _KINDS[code]
+        if kind == BackendError.INTERNAL:
+            return BackendError(kind, "the model failed on this request")
+        if kind == BackendError.CANCELLED:
+            return BackendError(kind, "the request was cancelled")
+        if kind == BackendError.QUEUE_FULL:
+            return BackendError(kind, "the model's queue is full; retry later", code="queue_full")
+        if kind == BackendError.UNAVAILABLE:
+            return BackendError(kind, f"the model is not available: {text}")
+        if code == "context_length_exceeded" and all(isinstance(error.get(k), int) for k in
+                                                     ("limit", "prompt_tokens", "max_tokens")):  # fmt: skip
+            # No max_tokens and a prompt over the limit: the engine counts what room is left (<= 0) as the
+            # completion; the client asked for no completion tokens of its own.
+            text = context_length_message(error["limit"], error["prompt_tokens"], max(error["max_tokens"], 0))
+        return BackendError(kind, text, code=code if code != "invalid_request" else None,
+                            param=param if isinstance(param, str) else None)  # fmt: skip
     lowered = message.lower()
-    if any(p in lowered for p in _QUEUE_FULL):
+    if any(p in lowered for p in _TRITON_QUEUE_FULL):
         return BackendError(BackendError.QUEUE_FULL, "the model's queue is full; retry later", code="queue_full")
-    if lowered.startswith("internal error") or "stub process" in lowered:
+    if "stub process" in lowered:
         return BackendError(BackendError.INTERNAL, "the model failed on this request")
     if "cancelled" in lowered:
         return BackendError(BackendError.CANCELLED, "the request was cancelled")
-    if any(p in lowered for p in _UNAVAILABLE):
+    if any(p in lowered for p in _TRITON_UNAVAILABLE):
         return BackendError(BackendError.UNAVAILABLE, f"the model is not available: {message}")
-    code = "context_length_exceeded" if "context" in lowered or "token budget" in lowered else None
-    return BackendError(BackendError.INVALID, message, code=code)
+    return BackendError(BackendError.INVALID, message)
 
 
 def _bytes_tensor(name: str, values: list[bytes]) -> grpcclient.InferInput:
@@ -87,6 +133,11 @@ def _first(result, name: str):
     return None if array is None else array.reshape(-1)[0]
 
 
+def _token_bytes(entry: dict) -> list[int] | None:
+    """A logprob entry's raw bytes (null for a special token); a server without the field: the token's UTF-8."""
+    return entry["bytes"] if "bytes" in entry else list(entry["token"].encode())
+
+
 def parse_result(result) -> GenerateChunk:
     text = _first(result, "text_output")
     finish = _first(result, "finish_reason")
@@ -94,7 +145,9 @@ def parse_result(result) -> GenerateChunk:
     raw = _first(result, "logprobs")
     if raw is not None:
         logprobs = [
-            TokenLogprob(e["token"], e["logprob"], [(t["token"], t["logprob"]) for t in e.get("top_logprobs", [])])
+            TokenLogprob(e["token"], e["logprob"],
+                         [(t["token"], t["logprob"], _token_bytes(t)) for t in e.get("top_logprobs", [])],
+                         _token_bytes(e))  # fmt: skip
             for e in json.loads(raw)
         ]
     return GenerateChunk(

@@ -31,6 +31,7 @@ from minicpmv.engine.config import EngineConfig
 from minicpmv.engine.detokenizer import IncrementalDetokenizer
 from minicpmv.engine.encoder import ImageEncoder
 from minicpmv.engine.errors import (
+    ENGINE_SHUT_DOWN,
     ContextLengthError,
     EngineStoppedError,
     InvalidRequestError,
@@ -173,7 +174,7 @@ class Engine:
             self._cv.notify()
         self._thread.join(timeout)
         for state in list(self._requests.values()):
-            self._finish_request(state, FINISH_ERROR, "the engine was shut down")
+            self._finish_request(state, FINISH_ERROR, ENGINE_SHUT_DOWN)
         self.output.drain(timeout)
         self.output.shutdown(timeout)
 
@@ -199,21 +200,23 @@ class Engine:
         room = self.max_model_len - prompt_len
         max_tokens = params.max_tokens or min(self.config.default_max_tokens, room)
         if max_tokens < 1 or prompt_len + max_tokens > self.max_model_len:
+            limit = self.max_model_len
             raise ContextLengthError(
                 f"the prompt has {prompt_len} tokens and max_tokens is {max_tokens}: together more than the "
-                f"model's context of {self.max_model_len} tokens"
-            )
+                f"model's context of {limit} tokens",
+                param="messages", prompt_tokens=prompt_len, max_tokens=max_tokens, limit=limit)  # fmt: skip
         if self.block_manager.blocks_for(prompt_len + max_tokens) > self.block_manager.num_blocks:
+            slots = self.runner.pool.num_slots
             raise ContextLengthError(
                 f"the prompt has {prompt_len} tokens and max_tokens is {max_tokens}: together more than this "
-                f"engine's KV cache of {self.runner.pool.num_slots} tokens"
-            )
+                f"engine's KV cache of {slots} tokens",
+                param="messages", prompt_tokens=prompt_len, max_tokens=max_tokens, limit=slots)  # fmt: skip
         grammar = None
         if params.response_format is not None:
             try:
                 grammar = self.grammars.compile(params.response_format)
             except ValueError as e:
-                raise InvalidRequestError(str(e)) from e
+                raise InvalidRequestError(str(e), param="response_format") from e
         state = RequestState(request, encoded.input_ids, encoded.image_bounds, images, max_tokens, callback)
         state.prompt = prompt
         state.content_spans = self.encoder.content_spans(images, encoded.image_bounds)

@@ -31,9 +31,14 @@ async def ready(request: Request, registry: RegistryDep, settings: SettingsDep) 
     if missing or not served:
         reason = f"models not ready: {', '.join(missing)}" if missing else "no model is ready"
         return JSONResponse({"status": "unavailable", "reason": reason, "models": served}, status_code=503)
-    return JSONResponse({"status": "ready", "models": served})
+    body = {"status": "ready", "models": served}
+    if hasattr(backend, "status"):  # several Triton servers (balancer.py): each one's state and load
+        body["triton"] = backend.status()
+    return JSONResponse(body)
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+            responses={200: {"description": "Prometheus text exposition format",
+                             "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})  # fmt: skip
 async def metrics(request: Request) -> Response:
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -14,6 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from minicpmv.engine.errors import ContextLengthError, InvalidRequestError, QueueFullError, wire_message
 from openai_frontend import images
 from openai_frontend.app import create_app
 from openai_frontend.backend import BackendError, GenerateChunk
@@ -96,7 +97,8 @@ def test_detail_low_on_every_image_turns_slicing_off():
         ({"messages": [{"role": "user", "content": "q"}], "stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
         ({"messages": [{"role": "user", "content": "q"}], "stream_options": {"include_usage": True}}, "stream_options", "stream is true"),
         ({"messages": [{"role": "user", "content": "q"}], "top_logprobs": 2}, "top_logprobs", "requires logprobs"),
-        ({"messages": [{"role": "user", "content": "q"}], "tools": [{"type": "function"}]}, "tools", "not supported"),
+        ({"messages": [{"role": "user", "content": "q"}], "tools": [{"type": "function"}]}, "tools[0].function", "name"),
+        ({"messages": [{"role": "user", "content": "q"}], "functions": [{"name": "f"}]}, "functions", "not supported"),
         ({"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_data": "data:text/plain;base64,AA=="}}]}]},
          "messages[0].content[0].file.file_data", "only PDF files"),
         ({"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_id": "file-1"}}]}]},
@@ -205,12 +207,13 @@ def test_data_urls_must_be_base64_and_within_the_byte_limit():
     "message, kind, code",
     [
         ("Exceeds maximum queue size", BackendError.QUEUE_FULL, "queue_full"),
-        ("300 requests are already waiting; retry later", BackendError.QUEUE_FULL, "queue_full"),
-        ("internal error: RuntimeError", BackendError.INTERNAL, None),
-        ("the prompt has 40 tokens and max_tokens is 99999: together more than the model's context", BackendError.INVALID, "context_length_exceeded"),
+        (QueueFullError("300 requests are already waiting; retry later").wire(), BackendError.QUEUE_FULL, "queue_full"),
+        (wire_message("internal_error", "internal error: RuntimeError"), BackendError.INTERNAL, None),
+        (ContextLengthError("long", prompt_tokens=40, max_tokens=99999, limit=32768).wire(), BackendError.INVALID,
+         "context_length_exceeded"),
         ("Request for unknown model: 'x' is not found", BackendError.UNAVAILABLE, None),
-        ("request cancelled", BackendError.CANCELLED, None),
-        ("image 0: not a decodable image", BackendError.INVALID, None),
+        (wire_message("cancelled", "request cancelled"), BackendError.CANCELLED, None),
+        (InvalidRequestError("image 0: not a decodable image").wire(), BackendError.INVALID, None),
     ],
 )  # fmt: skip
 def test_triton_messages_are_classified(message, kind, code):
