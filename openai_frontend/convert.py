@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from openai_frontend import images, pdf
+from openai_frontend import images, pdf, tools
 from openai_frontend.backend import GenerateRequest
 from openai_frontend.errors import invalid
 from openai_frontend.schemas import (
@@ -25,7 +25,7 @@ from openai_frontend.settings import Settings
 
 ROLES = ("system", "developer", "user", "assistant")
 SYSTEM_ROLES = ("system", "developer")  # OpenAI's newer name for the system message
-_UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "logit_bias")
+_UNSUPPORTED = ("functions", "function_call", "logit_bias")  # legacy functions: use tools / tool_choice
 
 
 async def to_generate_request(request: ChatCompletionRequest, settings: Settings,
@@ -37,7 +37,17 @@ async def to_generate_request(request: ChatCompletionRequest, settings: Settings
         raise invalid("stream_options is only allowed when stream is true", "stream_options")
     if request.top_logprobs and not request.logprobs:
         raise invalid("top_logprobs requires logprobs to be true", "top_logprobs")
+    if request.modalities is not None and request.modalities != ["text"]:
+        raise invalid("this model answers in text only: modalities must be [\"text\"]", "modalities",
+                      code="unsupported_parameter")  # fmt: skip
+    if request.audio is not None:
+        raise invalid("audio output is not supported by this model; leave 'audio' out", "audio",
+                      code="unsupported_parameter")  # fmt: skip
+    if request.moderation is not None:
+        raise invalid("moderation is not available on this server; leave 'moderation' out", "moderation",
+                      code="unsupported_parameter")  # fmt: skip
 
+    plan = tool_plan(request)
     messages, sources, details = _messages(request)
     # A PDF part stands for several images (its pages); expand its placeholder once the pages are known.
     rendered = await asyncio.gather(*(_source(src, settings, http) for src in sources))
@@ -48,6 +58,10 @@ async def to_generate_request(request: ChatCompletionRequest, settings: Settings
     messages = _expand_pdf_placeholders(messages, [len(group) for group in rendered])
 
     sampling = _sampling(request)
+    if plan is not None:  # the answer is a tool-call envelope: see tools.py
+        messages = tools.add_system_prompt(messages, plan)
+        sampling["response_format"] = plan.response_format()
+        sampling.pop("stop", None)  # a stop sequence would cut the envelope's JSON
     if encoded and request.max_slice_nums is None and all(d == "low" for d in details):
         sampling["max_slice_nums"] = 1  # detail "low": the whole image only, no high-resolution slices
     return GenerateRequest(
@@ -57,7 +71,20 @@ async def to_generate_request(request: ChatCompletionRequest, settings: Settings
         sampling=sampling,
         stream=request.stream,
         logprobs=request.logprobs,
+        tools=plan,
     )
+
+
+def tool_plan(request: ChatCompletionRequest) -> tools.ToolPlan | None:
+    """The request's tools and tool_choice as a decoding plan (None: plain text). Raises 400 on bad tools."""
+    functions = tools.parse_functions(request.tools)
+    response_format = request.response_format.model_dump(by_alias=True, exclude_none=True) \
+        if request.response_format is not None else None  # fmt: skip
+    plan = tools.plan_tools(functions, request.tool_choice, request.parallel_tool_calls, response_format)
+    if plan is not None and request.logprobs:
+        raise invalid("logprobs are not supported together with tools (the answer is decoded as a tool-call "
+                      "envelope); set tool_choice to 'none' or leave logprobs out", "logprobs")  # fmt: skip
+    return plan
 
 
 @dataclass
@@ -78,8 +105,12 @@ def _messages(request: ChatCompletionRequest) -> tuple[list[dict[str, Any]], lis
     for i, message in enumerate(request.messages):
         where = f"messages[{i}]"
         role = message.role
+        if role == "tool":
+            _tool_result(out, request, i)
+            continue
         if role not in ROLES:
-            raise invalid(f"{where}: role '{role}' is not supported (use system, user or assistant)", f"{where}.role")
+            raise invalid(f"{where}: role '{role}' is not supported (use system, user, assistant or tool)",
+                          f"{where}.role")  # fmt: skip
         if role in SYSTEM_ROLES:
             if i != 0:
                 raise invalid(f"{where}: only one system message is allowed, and it must come first", where)
@@ -89,6 +120,11 @@ def _messages(request: ChatCompletionRequest) -> tuple[list[dict[str, Any]], lis
             if role != "assistant":
                 raise invalid(f"{where}: content is required", f"{where}.content")
             content = ""
+        if message.tool_calls and role == "assistant":
+            text = content if isinstance(content, str) else "\n".join(p.text for p in content if p.type == "text")
+            out.append({"role": role, "content": tools.render_tool_calls(text, message.tool_calls,
+                                                                        f"{where}.tool_calls")})  # fmt: skip
+            continue
         if isinstance(content, str):
             out.append({"role": role, "content": content})
             continue
@@ -112,9 +148,36 @@ def _messages(request: ChatCompletionRequest) -> tuple[list[dict[str, Any]], lis
                 details.append("auto")
                 parts.append({"type": "pdf"})
         out.append({"role": role, "content": parts})
-    if not any(m["role"] == "user" for m in out):
-        raise invalid("messages must include at least one user message", "messages")
+    for m in out:
+        m.pop("_tool_results", None)
+    if not any(m["role"] in ("user", "system") for m in out):  # a system message alone is answered, as OpenAI does
+        raise invalid("messages must include at least one user message (or a system message)", "messages")
     return out, sources, details
+
+
+def _tool_result(out: list[dict[str, Any]], request: ChatCompletionRequest, i: int) -> None:
+    """A ``tool`` message -> the user message of tool results (consecutive ones share one message)."""
+    where = f"messages[{i}]"
+    message = request.messages[i]
+    if not message.tool_call_id:
+        raise invalid(f"{where}: a tool message needs tool_call_id", f"{where}.tool_call_id")
+    content = message.content
+    if content is None or isinstance(content, str):
+        text = content or ""
+    elif all(isinstance(part, ChatCompletionContentPartText) for part in content):
+        text = "\n".join(part.text for part in content)
+    else:
+        raise invalid(f"{where}.content: a tool message takes text only", f"{where}.content")
+    name = next((call.get("function", {}).get("name") for m in request.messages[:i] if m.role == "assistant"
+                 for call in m.tool_calls or () if isinstance(call, dict) and call.get("id") == message.tool_call_id),
+                None)  # fmt: skip
+    results = out[-1].pop("_tool_results", None) if out and out[-1]["role"] == "user" else None
+    if results is None:
+        results = []
+        out.append({"role": "user", "content": ""})
+    results.append((message.tool_call_id, name, text))
+    out[-1]["content"] = tools.render_tool_results(results)
+    out[-1]["_tool_results"] = results
 
 
 def _expand_pdf_placeholders(messages: list[dict[str, Any]], counts: list[int]) -> list[dict[str, Any]]:

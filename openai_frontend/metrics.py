@@ -12,7 +12,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("minicpmv_frontend_requests", "Chat completion requests by model and HTTP status",
+        self.requests = Counter("minicpmv_frontend_requests", "Chat and Responses API requests by model and status",
                                 ["model", "status"], registry=r)  # fmt: skip
         self.latency = Histogram("minicpmv_frontend_request_duration_seconds", "Request latency, to the last token",
                                  ["model"], buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
@@ -23,4 +23,11 @@ class Metrics:
         self.completion_tokens = Counter("minicpmv_frontend_completion_tokens", "Generated tokens", ["model"],
                                          registry=r)  # fmt: skip
         self.in_flight = Gauge("minicpmv_frontend_requests_in_flight", "Requests being served", ["model"],
+                               registry=r)  # fmt: skip
+        # Batch API (openai_frontend/batch/runner.py); its lines also count in the request metrics above.
+        self.batch_lines = Counter("minicpmv_frontend_batch_lines", "Batch lines finished, by result", ["result"],
+                                   registry=r)  # fmt: skip
+        self.batch_lines_in_flight = Gauge("minicpmv_frontend_batch_lines_in_flight", "Batch lines being run",
+                                           registry=r)  # fmt: skip
+        self.batches = Counter("minicpmv_frontend_batches", "Batches finished, by final status", ["status"],
                                registry=r)  # fmt: skip

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer
 
 # ---------------------------------------------------------------- request: messages
 
@@ -50,13 +50,16 @@ ContentPart = Annotated[
 
 
 class ChatCompletionMessage(BaseModel):
-    """A message of the request. Unknown roles (tool, function) get a clear 400 from the converter."""
+    """A message of the request. Unknown roles (function) get a clear 400 from the converter; ``tool`` messages
+    and assistant ``tool_calls`` are rendered into the prompt (openai_frontend/tools.py)."""
 
     model_config = ConfigDict(extra="ignore")  # e.g. "refusal" or "annotations" echoed back by clients
 
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # assistant: earlier calls (checked in tools.py)
+    tool_call_id: str | None = None  # tool: the call this result answers
 
 
 class ResponseFormatJSONSchema(BaseModel):
@@ -72,7 +75,8 @@ class ResponseFormat(_Strict):
 
 
 class StreamOptions(_Strict):
-    include_usage: bool = False
+    include_usage: bool | None = False
+    include_obfuscation: bool | None = None  # accepted; we never add obfuscation padding to chunks
 
 
 # ---------------------------------------------------------------- request
@@ -101,12 +105,31 @@ class ChatCompletionRequest(_Strict):
     store: bool | None = None
     service_tier: str | None = None
     parallel_tool_calls: bool | None = None
-    # Not supported; refused with a clear message when set (see convert.py).
+    # Function calling (openai_frontend/tools.py checks them, with the offending param).
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
+    # Not supported; refused with a clear message when set (see convert.py).
     functions: list[dict[str, Any]] | None = None
     function_call: Any = None
     logit_bias: dict[str, float] | None = None
+    # Current official fields, accepted with no effect on a local model (README says which do what).
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+    prediction: dict[str, Any] | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
+    safety_identifier: str | None = Field(None, max_length=64)
+    web_search_options: dict[str, Any] | None = None
+    # Output modalities: ["text"] only; audio output is refused by convert.py (and so is a non-null audio).
+    modalities: list[Literal["text", "audio"]] | None = None
+    audio: dict[str, Any] | None = None
+    moderation: dict[str, Any] | None = None  # null only: there is no moderation here (convert.py refuses one)
+
+    # OpenAI's spec allows an explicit null for every optional field, meaning "the default".
+    @field_validator("n", "stream", "logprobs", mode="before")
+    @classmethod
+    def _null_is_default(cls, value, info: ValidationInfo):
+        return cls.model_fields[info.field_name].default if value is None else value
 
     # --- extensions (not in OpenAI's API; as in vLLM) ---
     top_k: int | None = Field(None, ge=-1, description="extension: sample from the k most likely tokens")
@@ -147,10 +170,29 @@ class CompletionUsage(BaseModel):
     total_tokens: int
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ChatCompletionMessageToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatCompletionResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None = None
+    tool_calls: list[ChatCompletionMessageToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_tool_calls(self, handler):  # OpenAI leaves tool_calls out (never null) without calls
+        data = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
 
 
 class Choice(BaseModel):
@@ -173,6 +215,7 @@ class ChatCompletion(BaseModel):
 class ChoiceDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # {"index", "id"?, "type"?, "function": {"name"?, "arguments"}}
 
 
 class ChunkChoice(BaseModel):

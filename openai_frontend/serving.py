@@ -14,13 +14,14 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from openai_frontend import __version__
+from openai_frontend import __version__, tools
 from openai_frontend.backend import BackendError, GenerateChunk, GenerateRequest, InferenceBackend, TokenLogprob
 from openai_frontend.errors import APIError, to_api_error
 from openai_frontend.metrics import Metrics
 from openai_frontend.schemas import (
     ChatCompletion,
     ChatCompletionChunk,
+    ChatCompletionMessageToolCall,
     ChatCompletionResponseMessage,
     ChatCompletionTokenLogprob,
     Choice,
@@ -28,6 +29,7 @@ from openai_frontend.schemas import (
     ChoiceLogprobs,
     ChunkChoice,
     CompletionUsage,
+    FunctionCall,
     TopLogprob,
 )
 from openai_frontend.settings import Settings
@@ -46,8 +48,8 @@ def to_logprobs(entries: list[TokenLogprob] | None) -> ChoiceLogprobs | None:
         return None
     return ChoiceLogprobs(content=[
         ChatCompletionTokenLogprob(
-            token=e.token, logprob=e.logprob, bytes=list(e.token.encode()),
-            top_logprobs=[TopLogprob(token=t, logprob=lp, bytes=list(t.encode())) for t, lp in e.top_logprobs],
+            token=e.token, logprob=e.logprob, bytes=e.bytes,
+            top_logprobs=[TopLogprob(token=t, logprob=lp, bytes=b) for t, lp, b in e.top_logprobs],
         )
         for e in entries
     ])  # fmt: skip
@@ -69,17 +71,36 @@ class ChatService:
     async def complete(self, http_request: Request, model: str, served_name: str, request: GenerateRequest,
                        include_usage: bool) -> ChatCompletion | StreamingResponse:  # fmt: skip
         """``model`` is the backend's name, ``served_name`` the one the client used (echoed back)."""
+        run = self._admit(model, served_name, request)
+        try:
+            if not request.stream:
+                return await run.collect(http_request)
+            first = await run.start()  # errors before the first token are HTTP errors, as OpenAI does
+        except BaseException:
+            run._exit(499)  # only if it never started: the run's own paths count their status and free the slot
+            raise
+        return StreamingResponse(run.sse(first, include_usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+
+    def _admit(self, model: str, served_name: str, request: GenerateRequest) -> _Run:
+        """A run holding one of the in-flight slots, or 429. The slot is taken here, before any await: a burst
+        that arrives together must not all pass the check before the first of them counts itself."""
         limit = self.settings.max_concurrent_requests
         if limit and self.in_flight >= limit:
             self.metrics.requests.labels(served_name, "429").inc()
             raise APIError(429, f"too many requests in flight (limit {limit}); retry later",
                            code="too_many_requests")  # fmt: skip
         run = _Run(self, model, served_name, request)
-        if not request.stream:
-            return await run.collect(http_request)
-        first = await run.start()  # errors before the first token are HTTP errors, as OpenAI does
-        return StreamingResponse(run.sse(first, include_usage), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+        run._enter()
+        return run
+
+    async def open_stream(self, model: str, served_name: str,
+                          request: GenerateRequest) -> tuple[_Run, GenerateChunk | None]:  # fmt: skip
+        """A stream for another API's event format (the Responses API), under the same limit, deadline and
+        metrics as :meth:`complete`: errors before the first token raise here; then iterate
+        ``run.chunks(first)`` (which ends the run's accounting, also when the iteration stops early)."""
+        run = self._admit(model, served_name, request)
+        return run, await run.start()
 
 
 class _Run:
@@ -91,6 +112,7 @@ class _Run:
         self.name = served_name
         self.request = request
         self.started = time.perf_counter()
+        self.created = int(time.time())  # one value for the response and all its chunks, as OpenAI's
         self.deadline = asyncio.get_running_loop().time() + service.settings.request_timeout
         self.first_token_at: float | None = None
         self.prompt_tokens = 0
@@ -100,6 +122,8 @@ class _Run:
 
     # -- accounting
     def _enter(self) -> None:
+        if self._open:
+            return
         self._open = True
         self.s.in_flight += 1
         self.s.metrics.in_flight.labels(self.name).inc()
@@ -159,6 +183,22 @@ class _Run:
             self._exit(to_api_error(e).status if isinstance(e, Exception) else 499)
             raise
 
+    async def chunks(self, first: GenerateChunk | None) -> AsyncIterator[GenerateChunk]:
+        """``first`` and the rest of the backend's chunks; errors propagate (counted with their status)."""
+        status = 499
+        try:
+            chunk = first
+            while chunk is not None:
+                yield chunk
+                chunk = await self._next()
+            status = 200
+        except Exception as e:
+            status = to_api_error(e).status
+            raise
+        finally:
+            await self._close()
+            self._exit(status)
+
     # -- non-streaming
     async def collect(self, http_request: Request) -> ChatCompletion:
         task = asyncio.ensure_future(self._collect())
@@ -190,11 +230,13 @@ class _Run:
                 Choice(index=i, message=ChatCompletionResponseMessage(content=texts[i]),
                        logprobs=to_logprobs(logprobs.get(i)) if self.request.logprobs else None,
                        finish_reason=_finish(finish.get(i, "stop")))  # fmt: skip
+                if self.request.tools is None else _tool_choice(self.request.tools, i, texts[i], finish.get(i, "stop"))
                 for i in sorted(texts)
             ]
             status = 200
-            return ChatCompletion(id=self.request.request_id, model=self.name, system_fingerprint=SYSTEM_FINGERPRINT,
-                                  choices=choices, usage=self.usage())  # fmt: skip
+            return ChatCompletion(id=self.request.request_id, created=self.created, model=self.name,
+                                  system_fingerprint=SYSTEM_FINGERPRINT, choices=choices,
+                                  usage=self.usage())  # fmt: skip
         except Exception as e:
             status = to_api_error(e).status
             raise
@@ -204,8 +246,9 @@ class _Run:
 
     # -- streaming
     def _chunk(self, choices: list[ChunkChoice], usage: CompletionUsage | None, include_usage: bool) -> str:
-        body = ChatCompletionChunk(id=self.request.request_id, model=self.name, system_fingerprint=SYSTEM_FINGERPRINT,
-                                   choices=choices, usage=usage).model_dump()  # fmt: skip
+        body = ChatCompletionChunk(id=self.request.request_id, created=self.created, model=self.name,
+                                   system_fingerprint=SYSTEM_FINGERPRINT, choices=choices,
+                                   usage=usage).model_dump()  # fmt: skip
         for choice in body["choices"]:
             choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
         if not include_usage:
@@ -216,10 +259,22 @@ class _Run:
         status = 499
         try:
             n = int(self.request.sampling.get("n", 1))
-            yield self._chunk([ChunkChoice(index=i, delta=ChoiceDelta(role="assistant", content=""))
+            first_content = "" if self.request.tools is None else None  # not known yet to be content
+            yield self._chunk([ChunkChoice(index=i, delta=ChoiceDelta(role="assistant", content=first_content))
                                for i in range(n)], None, include_usage)  # fmt: skip
             chunk = first
+            readers: dict[int, tools.EnvelopeReader] = {}
             while chunk is not None:
+                if self.request.tools is not None:  # the envelope -> content and tool-call deltas
+                    reader = readers.setdefault(chunk.index, tools.EnvelopeReader(self.request.tools))
+                    for delta in _tool_deltas(reader.feed(chunk.text)):
+                        yield self._chunk([ChunkChoice(index=chunk.index, delta=delta)], None, include_usage)
+                    if chunk.finish_reason is not None:
+                        reason = reader.finish(_finish(chunk.finish_reason)).finish_reason
+                        yield self._chunk([ChunkChoice(index=chunk.index, delta=ChoiceDelta(),
+                                                       finish_reason=reason)], None, include_usage)  # fmt: skip
+                    chunk = await self._next()
+                    continue
                 lp = to_logprobs(chunk.logprobs) if self.request.logprobs and chunk.logprobs else None
                 if chunk.text or lp is not None:
                     yield self._chunk([ChunkChoice(index=chunk.index, delta=ChoiceDelta(content=chunk.text),
@@ -240,6 +295,31 @@ class _Run:
             await self._close()
             self._exit(status)
         yield "data: [DONE]\n\n"
+
+
+def _tool_choice(plan: tools.ToolPlan, index: int, text: str, finish_reason: str) -> Choice:
+    reader = tools.EnvelopeReader(plan)
+    reader.feed(text)
+    outcome = reader.finish(_finish(finish_reason))
+    calls = [ChatCompletionMessageToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
+             for c in outcome.calls] or None  # fmt: skip
+    return Choice(index=index, message=ChatCompletionResponseMessage(content=outcome.content, tool_calls=calls),
+                  finish_reason=outcome.finish_reason)  # fmt: skip
+
+
+def _tool_deltas(events: list) -> list[ChoiceDelta]:
+    """Envelope events -> chat deltas, as OpenAI streams them: a call's first delta carries its id, type and
+    name with empty arguments; the arguments follow in pieces."""
+    deltas = []
+    for event in events:
+        if isinstance(event, tools.ContentDelta):
+            deltas.append(ChoiceDelta(content=event.text))
+        elif isinstance(event, tools.CallStarted):
+            deltas.append(ChoiceDelta(tool_calls=[{"index": event.index, "id": event.id, "type": "function",
+                                                   "function": {"name": event.name, "arguments": ""}}]))  # fmt: skip
+        else:
+            deltas.append(ChoiceDelta(tool_calls=[{"index": event.index, "function": {"arguments": event.text}}]))
+    return deltas
 
 
 async def _wait_disconnect(request: Request) -> None:

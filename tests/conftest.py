@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,9 @@ FIXTURES = Path(__file__).parent / "fixtures"
 GOLDEN = FIXTURES / "golden"
 
 torch.set_num_threads(2)
+# The Batch API's state (SQLite and files) of every frontend the tests start, in-process or as a subprocess:
+# a fresh folder, never the user's ~/.local/share.
+os.environ.setdefault("MINICPMV_FRONTEND_BATCH_DATA_DIR", tempfile.mkdtemp(prefix="minicpmv-test-batches-"))
 
 
 @pytest.fixture(scope="session")

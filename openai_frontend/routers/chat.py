@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
+from openai_frontend import tools
 from openai_frontend.convert import to_generate_request
 from openai_frontend.dependencies import ChatDep, RegistryDep, SettingsDep
 from openai_frontend.errors import APIError, ErrorResponse
@@ -45,6 +46,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         result = await chat.complete(request, model, body.model, generate, include_usage)
     except ClientDisconnected:
         return Response(status_code=499)
+    except Exception as e:  # noqa: BLE001 - re-raised, restated against the tools where they caused it
+        raise tools.explain_error(e, generate.tools) from None
     if isinstance(result, ChatCompletion):  # serialized once, here (FastAPI would validate it again)
         return Response(result.model_dump_json(), media_type="application/json")
     return result
