@@ -110,7 +110,7 @@ def _draw(
     return torch.empty(shape, dtype=torch.bfloat16, device=device).normal_(0.0, std, generator=generator)
 
 
-def _quantize_linears(
+def quantize_linears(
     tensors: Iterator[tuple[str, torch.Tensor]], quantized: set[str], quant: QuantizationConfig
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """``tensors`` with the weight of each module in ``quantized`` replaced by its bitsandbytes 4-bit form.
@@ -232,7 +232,7 @@ def write_random_checkpoint(
     if int4:
         quant = QuantizationConfig()
         quantized = set(quantized_linear_names(_meta_model(config), quant.skip_modules))
-        tensors = _quantize_linears(tensors, quantized, quant)
+        tensors = quantize_linears(tensors, quantized, quant)
         config["_name_or_path"] = INT4_NAME_OR_PATH
         config["quantization_config"] = quant.to_dict()
     weight_map, total = _write_shards(out, tensors, shard_bytes)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
+import re
 from pathlib import Path
 
 import torch
@@ -97,6 +97,13 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+# The weights openbmb/MiniCPM-V-2_6-int4 stores in nf4 (MODEL_FACTS §2.4: every LLM layer linear, the vision
+# encoder's q/k/v and MLP linears; not out_proj, kv_proj, lm_head, the resampler), stated here independently of
+# the loader's rule (loading.quantized_linear_names), so the int4 checkpoint tests the loader, not its echo.
+INT4_QUANTIZED = re.compile(r"(llm\.model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
+                            r"|vpm\.encoder\.layers\.\d+\.(self_attn\.[qkv]_proj|mlp\.fc[12]))\.weight")
+
+
 def write_tiny_checkpoint(out_dir: str | Path, *, int4: bool = False, seed: int = 0) -> Path:
     """Write a tiny checkpoint into ``out_dir`` (created if needed) and return its path.
 
@@ -117,15 +124,11 @@ def write_tiny_checkpoint(out_dir: str | Path, *, int4: bool = False, seed: int 
     _init_weights(model, live_ids, seed)
     state = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
 
-    if int4:
-        from minicpmv.loading import load_model
+    if int4:  # quantized with bitsandbytes directly, never through our loader (the loader is what it tests)
+        from minicpmv.devtools.random_weights import quantize_linears
 
-        with tempfile.TemporaryDirectory() as tmp:
-            full = Path(tmp)
-            _write_json(full / "config.json", config_dict)
-            save_file({k: v.contiguous() for k, v in state.items()}, str(full / "model.safetensors"))
-            quantized = load_model(full, device="cpu", dtype=torch.bfloat16, quantization="nf4")
-            state = {k: v.detach().clone() for k, v in quantized.state_dict().items()}
+        modules = {name.removesuffix(".weight") for name in state if INT4_QUANTIZED.fullmatch(name)}
+        state = dict(quantize_linears(iter(state.items()), modules, QuantizationConfig()))
         config_dict["_name_or_path"] = "openbmb/MiniCPM-V-2_6-int4"
         config_dict["quantization_config"] = QuantizationConfig().to_dict()
 

@@ -102,7 +102,8 @@ def test_unsupported_schema_is_400_with_param_response_format(client):
     assert error_of(e)["param"] == "response_format" and "frobnicate" in error_of(e)["message"]
 
 
-@pytest.mark.parametrize("word", ["cancelled", "unknown model is not ready", "Exceeds maximum queue size"])
+@pytest.mark.parametrize("word", ["cancelled", "not found", "the queue is full", "context", "unknown model is not ready",
+                                  "Exceeds maximum queue size"])
 def test_words_in_a_bad_request_do_not_change_its_class(client, word):
     """The engine's errors cross Triton with a code; text the client wrote (here a schema's type name, quoted in
     the error) cannot turn a 400 into a 499, 503 or 429."""

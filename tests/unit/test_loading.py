@@ -252,6 +252,26 @@ def test_int4_config_carries_the_quantization_block(tiny_int4):
 # --- reload path: pre-quantized == quantized at load time --------------------------------------------
 
 
+def test_the_tiny_int4_checkpoint_is_quantized_without_the_loader_on_the_int4_repository_modules(
+    tiny_int4, tmp_path, monkeypatch
+):
+    """The fixture quantizes with bitsandbytes directly (tiny_checkpoint.INT4_QUANTIZED, from MODEL_FACTS),
+    so the comparisons below test the loader against an independent checkpoint, not against its own output."""
+    import minicpmv.loading as loading
+    from minicpmv.devtools.tiny_checkpoint import write_tiny_checkpoint
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the int4 fixture must not be made by the loader it tests")
+
+    for name in ("load_model", "build_model", "quantized_linear_names"):
+        monkeypatch.setattr(loading, name, refuse)
+    state = read_state(write_tiny_checkpoint(tmp_path / "int4", int4=True, seed=0))
+    packed = {name.removesuffix(".weight") for name, t in state.items() if name.endswith(".weight") and
+              t.dtype == torch.uint8}  # fmt: skip
+    assert packed == set(expected_quantized_modules())
+    assert state.keys() == read_state(tiny_int4).keys()
+
+
 def test_prequantized_state_equals_quantizing_at_load(int4_model, nf4_model):
     assert linear4bit_names(nf4_model) == expected_quantized_modules()
     for name in expected_quantized_modules():
