@@ -213,36 +213,24 @@ class _Run:
         raise ClientDisconnected
 
     async def _collect(self) -> ChatCompletion:
-        status = 499
-        try:
-            chunk = await self.start()
-            texts: dict[int, str] = {}
-            finish: dict[int, str] = {}
-            logprobs: dict[int, list[TokenLogprob]] = {}
-            while chunk is not None:
-                texts[chunk.index] = texts.get(chunk.index, "") + chunk.text
-                if chunk.logprobs is not None:
-                    logprobs.setdefault(chunk.index, []).extend(chunk.logprobs)
-                if chunk.finish_reason is not None:
-                    finish[chunk.index] = chunk.finish_reason
-                chunk = await self._next()
-            choices = [
-                Choice(index=i, message=ChatCompletionResponseMessage(content=texts[i]),
-                       logprobs=to_logprobs(logprobs.get(i)) if self.request.logprobs else None,
-                       finish_reason=_finish(finish.get(i, "stop")))  # fmt: skip
-                if self.request.tools is None else _tool_choice(self.request.tools, i, texts[i], finish.get(i, "stop"))
-                for i in sorted(texts)
-            ]
-            status = 200
-            return ChatCompletion(id=self.request.request_id, created=self.created, model=self.name,
-                                  system_fingerprint=SYSTEM_FINGERPRINT, choices=choices,
-                                  usage=self.usage())  # fmt: skip
-        except Exception as e:
-            status = to_api_error(e).status
-            raise
-        finally:
-            await self._close()
-            self._exit(status)
+        texts: dict[int, str] = {}
+        finish: dict[int, str] = {}
+        logprobs: dict[int, list[TokenLogprob]] = {}
+        async for chunk in self.chunks(await self.start()):  # the accounting: start() and chunks()
+            texts[chunk.index] = texts.get(chunk.index, "") + chunk.text
+            if chunk.logprobs is not None:
+                logprobs.setdefault(chunk.index, []).extend(chunk.logprobs)
+            if chunk.finish_reason is not None:
+                finish[chunk.index] = chunk.finish_reason
+        choices = [
+            Choice(index=i, message=ChatCompletionResponseMessage(content=texts[i]),
+                   logprobs=to_logprobs(logprobs.get(i)) if self.request.logprobs else None,
+                   finish_reason=_finish(finish.get(i, "stop")))  # fmt: skip
+            if self.request.tools is None else _tool_choice(self.request.tools, i, texts[i], finish.get(i, "stop"))
+            for i in sorted(texts)
+        ]
+        return ChatCompletion(id=self.request.request_id, created=self.created, model=self.name,
+                              system_fingerprint=SYSTEM_FINGERPRINT, choices=choices, usage=self.usage())  # fmt: skip
 
     # -- streaming
     def _chunk(self, choices: list[ChunkChoice], usage: CompletionUsage | None, include_usage: bool) -> str:
