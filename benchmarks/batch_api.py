@@ -136,14 +136,10 @@ def local_triton(args: argparse.Namespace, workdir: Path):
     if args.device == "cpu":
         env["MINICPMV_DTYPE"] = "float32"
         extra = ["--model-config-name=cpu"]
-    triton = TritonServer(ROOT / "model_repository", models=[args.model], extra_env=env, address="127.0.0.1",
-                          extra_args=extra, exit_timeout=10)  # fmt: skip
-    triton.start()
-    try:
+    with TritonServer(ROOT / "model_repository", models=[args.model], extra_env=env, address="127.0.0.1",
+                      extra_args=extra, exit_timeout=10) as triton:  # fmt: skip
         triton.wait_ready(timeout=600)
         yield triton
-    finally:
-        triton.stop()
 
 
 def frontend(triton, data_dir: Path, concurrency: int, busy: int):

@@ -21,7 +21,7 @@ import contextlib
 import itertools
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from openai_frontend.backend import BackendError, GenerateChunk, GenerateRequest, InferenceBackend
 
@@ -38,7 +38,7 @@ class Endpoint:
     up: bool = True
     in_flight: int = 0
     last_used: int = 0
-    requests: int = field(default=0)
+    requests: int = 0  # requests that got their first token here
 
 
 class BalancedBackend:
