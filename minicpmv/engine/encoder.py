@@ -68,18 +68,40 @@ class ImageEncoder:
 
     def step(self, states: list[RequestState], others_decoding: bool) -> None:
         """Encode the next slices of ``states`` (oldest first): ``slices_per_step`` of them while
-        ``others_decoding``, else all."""
+        ``others_decoding``, else all. A seeded request's image is encoded in calls of its own, of
+        ``slices_per_step`` slices each (the last one the rest), so that its embeddings do not depend on what
+        else is encoded with it; such a call waits for a step it fits in whole."""
         budget = self.slices_per_step if others_decoding else 1 << 30
-        work: list[tuple[ImageInput, int, int]] = []  # (image, first slice, slice count)
-        for image in (image for state in states for image in state.images if image.embeds is None):
+        shared: list[tuple[ImageInput, int, int]] = []  # (image, first slice, slice count), one call
+        own: list[tuple[ImageInput, int, int]] = []  # seeded images' groups: one call each
+        pending = [(state, image) for state in states for image in state.images if image.embeds is None]
+        for state, image in pending:
+            first = image.slices_done
+            left = image.processed.num_chunks - first
+            if state.sampling.seed is None:
+                count = min(left, budget)
+                shared.append((image, first, count))
+                budget -= count
+            else:
+                while left > 0:
+                    count = min(left, self.slices_per_step)
+                    if count > budget and (shared or own):
+                        budget = 0  # it waits, and so does every younger image
+                        break
+                    own.append((image, first, count))
+                    first, left, budget = first + count, left - count, budget - count
             if budget <= 0:
                 break
-            first = image.slices_done
-            count = min(image.processed.num_chunks - first, budget)
-            work.append((image, first, count))
-            budget -= count
-        if not work:
-            return
+        calls = [[work] for work in own] + ([shared] if shared else [])
+        for work in calls:
+            self._encode(work)
+        if calls:
+            for state in states:
+                self.finish(state)
+
+    def _encode(self, work: list[tuple[ImageInput, int, int]]) -> None:
+        """One vision-tower call over the slices ``work`` names; an image whose last slice is in it gets its
+        embeddings (and enters the vision cache)."""
         pixels = [torch.from_numpy(chunk) for image, first, n in work
                   for chunk in image.processed.chunks[first : first + n]]  # fmt: skip
         sizes = torch.cat([torch.as_tensor(image.processed.tgt_sizes).reshape(-1, 2)[first : first + n]
@@ -95,5 +117,3 @@ class ImageEncoder:
                 image.encoded = []
                 self.vision_cache.put(image.key, image.processed, image.embeds)
                 image.processed = replace(image.processed, chunks=[])  # the pixels are no longer needed
-        for state in states:
-            self.finish(state)

@@ -144,6 +144,13 @@ class Sequence:
     def is_prefilling(self) -> bool:
         return self.num_computed_tokens < self.prefill_target
 
+    @property
+    def seeded(self) -> bool:
+        """The request set a seed: its prompt is computed the same way in every run (no prefix-cache reads,
+        prefill chunks and image-encoder groups that depend on the request alone), so that its logits, and with
+        them its sampled tokens, do not depend on what else the engine runs (README, "Seeds")."""
+        return self.request.sampling.seed is not None
+
     def token_ids_range(self, start: int, end: int) -> list[int]:
         prompt = len(self.prompt_ids)
         if end <= prompt:

@@ -12,6 +12,11 @@ Each step spends at most ``max_num_batched_tokens`` tokens, in this order:
    so that admitting does not force a preemption at the next block boundary.
 A sequence whose images are not encoded yet (the engine encodes a few slices per step) is admitted but not
 given prefill tokens until they are.
+
+Seeded sequences are computed the same way in every run: they never read the prefix cache (a prefill that
+starts after cached tokens computes logits a few ulps away from a full one, enough to change a sampled token)
+and their prefill chunks are a function of the sequence alone (``seeded_chunk``): a chunk that does not fit
+this step's budget waits for a later step instead of being cut to fit.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_prefill_attention_pairs = max_prefill_attention_pairs
+        # A seeded sequence's prefill chunk: what is left of the token budget when every other sequence decodes.
+        self.seeded_chunk_tokens = max(1, max_num_batched_tokens - max_num_seqs)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the newest is preempted first
         self.num_preemptions = 0
@@ -71,7 +78,7 @@ class Scheduler:
         reserve = sum(1 for s in self.running if not s.is_prefilling)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            cached = self.blocks.cached_prefix(self.block_keys(seq), seq.num_tokens)
+            cached = [] if seq.seeded else self.blocks.cached_prefix(self.block_keys(seq), seq.num_tokens)
             if not self.blocks.can_allocate(seq.num_tokens, cached, reserve=reserve):
                 break
             self.waiting.popleft()
@@ -96,14 +103,40 @@ class Scheduler:
         q * (c + q) query-key pairs; at long contexts that, not the token count, is a step's cost). The first
         chunk of a step always gets at least one token, so that every prompt progresses."""
         start = seq.num_computed_tokens
+        if seq.seeded:
+            return self._take_seeded_chunk(start, seq.prefill_target, budget, first)
         length = min(seq.prefill_target - start, budget)
         if self._pairs_left is None or length <= 0:
             return max(length, 0)
         while length > 1 and length * (start + length) > self._pairs_left:
             length = max(1, self._pairs_left // (start + length))
-        if length * (start + length) > self._pairs_left and not first:
+        if length * (start + length) > self._pairs_left:
             return 0
         self._pairs_left = max(self._pairs_left - length * (start + length), 0)
+        return length
+
+    def seeded_chunk(self, start: int, target: int) -> int:
+        """The length of a seeded sequence's prefill chunk from ``start`` towards ``target``: at most
+        ``seeded_chunk_tokens`` and, when ``max_prefill_attention_pairs`` is set, within it (as a step's only
+        chunk would be), whatever else runs."""
+        length = min(target - start, self.seeded_chunk_tokens)
+        pairs = self.max_prefill_attention_pairs
+        if pairs is not None:
+            while length > 1 and length * (start + length) > pairs:
+                length = max(1, pairs // (start + length))
+        return max(length, 0)
+
+    def _take_seeded_chunk(self, start: int, target: int, budget: int, first: bool) -> int:
+        """``seeded_chunk`` whole if this step has room for it (the token budget, and the attention budget
+        unless it is the step's first chunk), else 0: it waits rather than being cut."""
+        length = self.seeded_chunk(start, target)
+        if length <= 0 or length > budget:
+            return 0
+        if self._pairs_left is not None:
+            cost = length * (start + length)
+            if cost > self._pairs_left and not first:
+                return 0
+            self._pairs_left = max(self._pairs_left - cost, 0)
         return length
 
     def _make_room(self, seq: Sequence, batch: list[ScheduledSeq]) -> bool:
