@@ -224,7 +224,7 @@ class _Metrics:
         self._seen: dict[str, float] = {}
 
     def publish(self, engine) -> None:
-        stats = dict(engine.stats(), running=engine.num_running, waiting=engine.num_waiting)
+        stats = engine.stats()
         for (_, _, kind, key), metric in zip(self.FAMILIES, self.metrics, strict=True):
             if key is None:
                 continue

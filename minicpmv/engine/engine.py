@@ -118,9 +118,15 @@ class Engine:
         return len(self._incoming) + len(self.scheduler.waiting)
 
     def stats(self) -> dict[str, float]:
-        """Counters and gauges for metrics: KV blocks, prefix-cache tokens looked up and found, preemptions."""
+        """Counters and gauges for metrics: running and waiting sequences, KV blocks, prefix-cache tokens looked
+        up and found, preemptions, steps, generated tokens (read from another thread while the loop runs)."""
+        # Read first: the loop counts a step's tokens before it can drop a sequence, so a snapshot in which a
+        # sequence has left ``running`` holds every token it generated.
+        running, waiting = self.num_running, self.num_waiting
         blocks = self.block_manager
         return {
+            "running": running,
+            "waiting": waiting,
             "kv_blocks_total": blocks.num_blocks,
             "kv_blocks_used": blocks.num_used_blocks,
             "kv_usage": blocks.num_used_blocks / blocks.num_blocks,

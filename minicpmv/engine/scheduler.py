@@ -110,7 +110,7 @@ class Scheduler:
             return max(length, 0)
         while length > 1 and length * (start + length) > self._pairs_left:
             length = max(1, self._pairs_left // (start + length))
-        if length * (start + length) > self._pairs_left:
+        if length * (start + length) > self._pairs_left and not first:
             return 0
         self._pairs_left = max(self._pairs_left - length * (start + length), 0)
         return length

@@ -229,8 +229,11 @@ def test_cancelled_streaming_request_stops_generating(server):
     while metric(server, "minicpmv_running_sequences", model) > 0:
         assert time.monotonic() < deadline, "the cancelled request is still running"
         time.sleep(0.1)
+    # The engine's promise: the cancellation reaches it within Triton's 50 ms poll, the step in flight then
+    # completes, and nothing more is generated; a published snapshot without the sequence holds all its tokens
+    # (Engine.stats reads the running set first), so the count read now is final.
     generated = metric(server, "minicpmv_generated_tokens_total", model) - tokens_before
-    time.sleep(0.5)
+    time.sleep(0.5)  # several publishes (every 50 ms) and, were it still decoding, dozens of steps
     assert metric(server, "minicpmv_generated_tokens_total", model) - tokens_before == generated
     assert generated < 500
 
