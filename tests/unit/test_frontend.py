@@ -11,18 +11,17 @@ import sys
 import zlib
 
 import pytest
-from fastapi.testclient import TestClient
 from PIL import Image
 
 from minicpmv.engine.errors import ContextLengthError, InvalidRequestError, QueueFullError, wire_message
 from openai_frontend import images
-from openai_frontend.app import create_app
 from openai_frontend.backend import BackendError, GenerateChunk
 from openai_frontend.convert import to_generate_request
 from openai_frontend.errors import APIError
 from openai_frontend.schemas import ChatCompletionRequest
 from openai_frontend.settings import Settings
 from openai_frontend.triton_client import classify
+from tests.unit.fakes import Call, FakeBackend, app_client, make_app, run_with_app, sample, until
 
 
 def png(width=64, height=48, mode="RGB", fmt="PNG", **save) -> bytes:
@@ -224,39 +223,6 @@ def test_triton_messages_are_classified(message, kind, code):
 # ---------------------------------------------------------------- the app with a fake backend
 
 
-class FakeBackend:
-    def __init__(self, chunks=(), error=None, delay=0.0):
-        self.chunks = list(chunks)
-        self.error = error
-        self.delay = delay
-        self.requests = []
-        self.closed = 0
-
-    async def generate(self, model, request):
-        self.requests.append((model, request))
-        try:
-            for chunk in self.chunks:
-                await asyncio.sleep(self.delay)
-                yield chunk
-            if self.error is not None:
-                raise self.error
-        finally:
-            self.closed += 1
-
-    async def server_ready(self):
-        return True
-
-    async def ready_models(self):
-        return ["minicpm_v_2_6"]
-
-    async def close(self):
-        pass
-
-
-def app_client(backend, **settings) -> TestClient:
-    return TestClient(create_app(Settings(**settings), backend_factory=lambda s: backend), raise_server_exceptions=False)
-
-
 BODY = {"model": "MiniCPM-V-2_6", "messages": [{"role": "user", "content": "hi"}]}
 CHUNKS = [GenerateChunk(0, "Hel", prompt_tokens=5, completion_tokens=1),
           GenerateChunk(0, "lo", "stop", prompt_tokens=5, completion_tokens=2)]  # fmt: skip
@@ -330,6 +296,76 @@ def test_validation_errors_are_400_in_the_envelope():
     assert bad_json.status_code == 400 and "not valid JSON" in bad_json.json()["error"]["message"]
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "messages"
     assert wrong_path.status_code == 404 and set(wrong_path.json()["error"]) == {"message", "type", "param", "code"}
+
+
+# ---------------------------------------------------------------- in-flight accounting
+
+NAME = "MiniCPM-V-2_6"  # the name the requests use: the metrics' label
+LIMIT = 2  # max_concurrent_requests of these tests
+STREAM = {**BODY, "stream": True}
+RESPONSE = {"model": NAME, "input": "hi"}
+FAILED = {"chunks": [], "error": BackendError(BackendError.INTERNAL, "boom")}
+HELD = {"chunks": CHUNKS, "hold_at": 1}  # the first chunk, then the backend waits (until the client goes away)
+
+
+def in_flight(app) -> tuple[int, float]:
+    """The chat service's in-flight count (the limit's slots) and the in-flight gauge: both exact."""
+    return app.state.chat.in_flight, sample(app, "minicpmv_frontend_requests_in_flight", model=NAME)
+
+
+async def admits_exactly(app, backend: FakeBackend, n: int) -> None:
+    """``n`` requests held at the backend fill the limit: one more gets 429, and none is admitted past it."""
+    backend.chunks, backend.error, backend.hold_at, backend.release = CHUNKS, None, 0, asyncio.Event()
+    calls = [Call(app, "/v1/chat/completions", BODY) for _ in range(n + 1)]
+    tasks = [asyncio.create_task(c.run()) for c in calls]
+    await until(lambda: backend.waiting + sum(t.done() for t in tasks) == n + 1, "every request admitted or refused")
+    await asyncio.sleep(0.02)  # time for a request admitted past the limit to show up at the backend
+    refused = [c.status for c, t in zip(calls, tasks, strict=True) if t.done()]
+    assert refused == [429], "exactly one request over the limit"
+    assert backend.waiting == n and in_flight(app) == (n, n)
+    backend.release.set()
+    await asyncio.gather(*tasks)
+    assert sorted(c.status for c in calls) == [200] * n + [429]
+    assert in_flight(app) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    "path, body, behaviour, client_leaves, status, counted",
+    [
+        ("/v1/chat/completions", BODY, FAILED, False, 500, "500"),
+        ("/v1/chat/completions", STREAM, FAILED, False, 500, "500"),  # before the first token: an HTTP error
+        ("/v1/chat/completions", STREAM, {**FAILED, "chunks": CHUNKS[:1]}, False, 200, "500"),  # an error event
+        ("/v1/chat/completions", BODY, HELD, True, 499, "499"),
+        ("/v1/chat/completions", STREAM, HELD, True, 200, "499"),  # gone mid-stream
+        ("/v1/responses", RESPONSE, FAILED, False, 500, "500"),
+        ("/v1/responses", RESPONSE, HELD, True, 499, "499"),
+        ("/v1/responses", {**RESPONSE, "stream": True}, HELD, True, 200, "499"),
+    ],
+    ids=["error", "stream-error-first", "stream-error-later", "gone", "stream-gone", "responses-error",
+         "responses-gone", "responses-stream-gone"],
+)  # fmt: skip
+def test_in_flight_count_returns_to_exactly_zero_and_the_limit_still_holds(path, body, behaviour, client_leaves,
+                                                                          status, counted):  # fmt: skip
+    backend = FakeBackend(**behaviour)
+
+    async def scenario(app):
+        call = Call(app, path, body)
+        task = asyncio.create_task(call.run())
+        if client_leaves:
+            await until(lambda: backend.waiting == 1 and (not body.get("stream") or call.body_chunks >= 2))
+            assert in_flight(app) == (1, 1)
+            call.disconnect()
+        await task
+        assert call.status == status
+        if client_leaves:
+            assert b"[DONE]" not in call.body and b"response.completed" not in call.body
+        assert in_flight(app) == (0, 0)  # not 1 (a slot leaked), not -1 (released twice)
+        assert backend.closed == 1  # the backend's stream was closed too (the request cancelled at Triton)
+        assert sample(app, "minicpmv_frontend_requests_total", model=NAME, status=counted) == 1
+        await admits_exactly(app, backend, LIMIT)
+        await admits_exactly(app, backend, LIMIT)  # and again: nothing drifts
+
+    run_with_app(make_app(backend, max_concurrent_requests=LIMIT), scenario)
 
 
 # ---------------------------------------------------------------- settings

@@ -4,15 +4,18 @@ Responses params, and the response object of a finished chat completion (validat
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
+from openai_frontend.backend import GenerateChunk
 from openai_frontend.convert import to_generate_request
 from openai_frontend.errors import APIError
 from openai_frontend.responses import ResponsesRequest, build_response, restate, to_chat_request
 from openai_frontend.schemas import ChatCompletion
 from openai_frontend.settings import Settings
 from tests.frontend.openapi_schemas import assert_valid
+from tests.unit.fakes import MODEL, FakeBackend, app_client
 
 PNG = "data:image/png;base64,iVBORw0KGgo="
 PDF = "data:application/pdf;base64,JVBERi0xLjQK"
@@ -115,3 +118,81 @@ def test_a_finished_completion_becomes_a_valid_response_object():
     assert_valid(cut, "Response")
     assert cut["status"] == "incomplete" and cut["incomplete_details"] == {"reason": "max_output_tokens"}
     assert cut["output"][0]["content"][0]["text"] == "partial" and cut["output"][0]["status"] == "incomplete"
+
+
+# ---------------------------------------------------------------- POST /v1/responses with a fake backend
+
+
+def sse_events(text: str) -> list[dict]:
+    """The ``data`` of each SSE event, checked against its ``event:`` line and OpenAI's event schema."""
+    events = []
+    for block in filter(None, text.split("\n\n")):
+        kind, data = block.split("\n")
+        event = json.loads(data.removeprefix("data: "))
+        assert kind == f"event: {event['type']}" and event["sequence_number"] == len(events)
+        assert_valid(event, "ResponseStreamEvent")
+        events.append(event)
+    return events
+
+
+def answer(*texts: str, finish_reason: str) -> list[GenerateChunk]:
+    """The backend's chunks of one answer: ``texts``, the last one with ``finish_reason``."""
+    last = len(texts) - 1
+    return [GenerateChunk(0, t, finish_reason if k == last else None, prompt_tokens=4, completion_tokens=k + 1)
+            for k, t in enumerate(texts)]  # fmt: skip
+
+
+CUT_CALL = answer('{"tool_calls": [{"name": "get_weather", ', '"arguments": {"city": "Os', finish_reason="length")
+CASES = {  # request extras, the backend's answer, and the output items of the finished response
+    "text": ({}, answer("Hel", "lo", finish_reason="length"), [("message", "Hello")]),
+    "call": ({"tools": [WEATHER], "tool_choice": "required"}, CUT_CALL, [("function_call", '{"city":"Os')]),
+}  # fmt: skip
+
+
+def items(response: dict) -> list[tuple[str, str]]:
+    return [(o["type"], o["content"][0]["text"] if o["type"] == "message" else o["arguments"])
+            for o in response["output"]]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_stream_cut_off_by_max_output_tokens_ends_incomplete(case):
+    extra, chunks, output = CASES[case]
+    with app_client(FakeBackend(chunks)) as c:
+        r = c.post("/v1/responses", json={"model": MODEL, "input": "hi", "max_output_tokens": 2, "stream": True,
+                                           **extra})  # fmt: skip
+    assert r.status_code == 200
+    events = sse_events(r.text)
+    types = [e["type"] for e in events]
+    assert types[:2] == ["response.created", "response.in_progress"]
+    assert types[-1] == "response.incomplete" and "response.completed" not in types
+    final = events[-1]["response"]
+    assert final["status"] == "incomplete" and final["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert final["completed_at"] is None and final["usage"]["output_tokens"] == 2
+    assert items(final) == output and all(o["status"] == "incomplete" for o in final["output"])
+    done = [e["item"] for e in events if e["type"] == "response.output_item.done"]
+    assert [d["status"] for d in done] == ["incomplete"] * len(output) and items({"output": done}) == output
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_response_cut_off_by_max_output_tokens_is_incomplete(case):
+    extra, chunks, output = CASES[case]
+    with app_client(FakeBackend(chunks)) as c:
+        r = c.post("/v1/responses", json={"model": MODEL, "input": "hi", "max_output_tokens": 2, **extra})
+    assert r.status_code == 200
+    body = r.json()
+    assert_valid(body, "Response")
+    assert body["status"] == "incomplete" and body["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert items(body) == output and all(o["status"] == "incomplete" for o in body["output"])
+
+
+def test_an_answer_that_ends_by_itself_completes_streaming_or_not():
+    chunks = answer("Hel", "lo", finish_reason="stop")
+    with app_client(FakeBackend(chunks)) as c:
+        streamed = sse_events(c.post("/v1/responses", json={"model": MODEL, "input": "hi", "stream": True}).text)
+        whole = c.post("/v1/responses", json={"model": MODEL, "input": "hi"}).json()
+    assert streamed[-1]["type"] == "response.completed"
+    assert "response.incomplete" not in [e["type"] for e in streamed]
+    for response in (streamed[-1]["response"], whole):
+        assert response["status"] == "completed" and response["incomplete_details"] is None
+        assert response["completed_at"] and items(response) == [("message", "Hello")]
+        assert response["output"][0]["status"] == "completed"
