@@ -22,6 +22,7 @@ this step's budget waits for a later step instead of being cut to fit.
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from collections.abc import Callable
 
@@ -30,6 +31,17 @@ from minicpmv.engine.model_runner import ScheduledSeq
 from minicpmv.engine.request import Sequence
 
 logger = logging.getLogger(__name__)
+
+
+def fit_pairs(start: int, pairs: int) -> int:
+    """The longest chunk after ``start`` computed tokens within ``pairs`` query-key pairs: the largest q with
+    q * (start + q) <= pairs (0 when not even one token fits)."""
+    q = (math.isqrt(start * start + 4 * pairs) - start) // 2
+    while (q + 1) * (start + q + 1) <= pairs:
+        q += 1
+    while q > 0 and q * (start + q) > pairs:
+        q -= 1
+    return q
 
 
 class Scheduler:
@@ -61,7 +73,8 @@ class Scheduler:
         # at the full token budget.
         decoding = any(not seq.is_prefilling for seq in self.running)
         self._pairs_left = self.max_prefill_attention_pairs if decoding else None
-        self._chunked = False
+        self._chunked = False  # a chunk of more than one token was scheduled in this step
+        self._prefilled = False  # any chunk was
         batch: list[ScheduledSeq] = []
         for seq in list(self.running):
             if seq not in self.running or seq.is_prefilling:
@@ -95,6 +108,7 @@ class Scheduler:
         if length:
             batch.append(ScheduledSeq(seq, length))
             self._chunked = self._chunked or length > 1
+            self._prefilled = True
         return length
 
     def _chunk(self, seq: Sequence, budget: int, first: bool) -> int:
@@ -104,12 +118,11 @@ class Scheduler:
         chunk of a step always gets at least one token, so that every prompt progresses."""
         start = seq.num_computed_tokens
         if seq.seeded:
-            return self._take_seeded_chunk(start, seq.prefill_target, budget, first)
+            return self._take_seeded_chunk(start, seq.prefill_target, budget)
         length = min(seq.prefill_target - start, budget)
         if self._pairs_left is None or length <= 0:
             return max(length, 0)
-        while length > 1 and length * (start + length) > self._pairs_left:
-            length = max(1, self._pairs_left // (start + length))
+        length = min(length, max(1, fit_pairs(start, self._pairs_left)))
         if length * (start + length) > self._pairs_left and not first:
             return 0
         self._pairs_left = max(self._pairs_left - length * (start + length), 0)
@@ -120,21 +133,19 @@ class Scheduler:
         ``seeded_chunk_tokens`` and, when ``max_prefill_attention_pairs`` is set, within it (as a step's only
         chunk would be), whatever else runs."""
         length = min(target - start, self.seeded_chunk_tokens)
-        pairs = self.max_prefill_attention_pairs
-        if pairs is not None:
-            while length > 1 and length * (start + length) > pairs:
-                length = max(1, pairs // (start + length))
+        if self.max_prefill_attention_pairs is not None and length > 0:
+            length = min(length, max(1, fit_pairs(start, self.max_prefill_attention_pairs)))
         return max(length, 0)
 
-    def _take_seeded_chunk(self, start: int, target: int, budget: int, first: bool) -> int:
+    def _take_seeded_chunk(self, start: int, target: int, budget: int) -> int:
         """``seeded_chunk`` whole if this step has room for it (the token budget, and the attention budget
-        unless it is the step's first chunk), else 0: it waits rather than being cut."""
+        unless no other chunk is in the step), else 0: it waits rather than being cut."""
         length = self.seeded_chunk(start, target)
         if length <= 0 or length > budget:
             return 0
         if self._pairs_left is not None:
             cost = length * (start + length)
-            if cost > self._pairs_left and not first:
+            if cost > self._pairs_left and self._prefilled:
                 return 0
             self._pairs_left = max(self._pairs_left - cost, 0)
         return length

@@ -13,7 +13,7 @@ import torch
 
 from minicpmv.engine import engine as engine_module
 from minicpmv.engine.attention import gqa_decode_attention
-from minicpmv.engine.cuda_graphs import batch_buckets, context_buckets
+from minicpmv.engine.cuda_graphs import DecodeGraphs, batch_buckets, context_buckets
 from minicpmv.engine.engine import Engine, EngineConfig
 from minicpmv.engine.model_runner import ModelRunner
 from tests.unit.test_engine_core import page, request
@@ -30,6 +30,40 @@ def test_context_buckets_double_from_256_tokens_to_the_limit():
     assert context_buckets(16, 8192) == [16, 32, 64, 128, 256, 512]
     assert context_buckets(16, 1000) == [16, 32, 63]  # 1,000 tokens = 63 blocks
     assert context_buckets(16, 100) == [7]
+
+
+def _graphs(block_size: int = 16, max_num_seqs: int = 8, max_context: int = 8192) -> DecodeGraphs:
+    """Buckets only: no forward runs, nothing is captured."""
+    return DecodeGraphs(None, block_size=block_size, scratch_block=0, max_num_seqs=max_num_seqs,
+                        max_context=max_context, device=torch.device("cpu"), capture=False)  # fmt: skip
+
+
+def test_a_context_one_token_past_a_width_takes_the_next_width():
+    graphs = _graphs()
+    assert graphs.widths == [16, 32, 64, 128, 256, 512] and graphs.max_context == 8192
+    for context, width in [(1, 16), (16, 16), (17, 16), (255, 16), (256, 16), (257, 32), (511, 32), (512, 32),
+                           (513, 64), (1024, 64), (1025, 128), (4096, 256), (4097, 512), (8192, 512)]:  # fmt: skip
+        assert graphs.bucket(1, context) == (1, width), context
+    assert graphs.bucket(1, 8193) is None
+    assert [graphs.bucket(n, 300) for n in (1, 2, 3, 4, 5, 8)] == [(1, 32), (2, 32), (4, 32), (4, 32), (8, 32), (8, 32)]
+    assert graphs.bucket(9, 300) is None
+
+
+def test_every_context_gets_the_smallest_width_that_holds_it():
+    """A width of w blocks holds the keys of positions 0 .. w * block_size - 1: a context one token longer
+    needs the next width (else its newest token's slot is outside the gathered ones)."""
+    for block_size, max_context in [(16, 2048), (48, 1000), (5, 700)]:
+        graphs = _graphs(block_size, max_context=max_context)
+        assert graphs.max_context == graphs.widths[-1] * block_size >= max_context
+        for context in range(1, graphs.max_context + 1):
+            _, width = graphs.bucket(1, context)
+            assert width * block_size >= context, (block_size, context, width)
+            smaller = [w for w in graphs.widths if w < width]
+            assert not smaller or smaller[-1] * block_size < context, (block_size, context, width)
+        assert graphs.bucket(1, graphs.max_context + 1) is None
+    # A block size that does not divide 256: the first width is still at least 256 tokens.
+    assert context_buckets(48, 1000) == [6, 12, 21]
+    assert _graphs(48, max_context=1000).bucket(1, 289) == (1, 12)
 
 
 def test_grouped_query_heads_as_rows_equal_sdpa_with_enable_gqa():
@@ -88,6 +122,41 @@ def test_static_decode_gives_the_eager_ids_logprobs_and_kv_and_pads_into_the_scr
             torch.testing.assert_close(static.runner.pool.values[layer][:slots], eager.runner.pool.values[layer],
                                        rtol=1e-5, atol=1e-5)  # fmt: skip
         assert not torch.equal(static.runner.pool.keys[0][scratch:], before)
+    finally:
+        eager.shutdown()
+        static.shutdown()
+
+
+def test_static_decode_past_256_tokens_takes_the_second_width_and_gives_the_eager_ids(tiny_full, monkeypatch):
+    eager = _engine(tiny_full, monkeypatch, static=False)
+    static = _engine(tiny_full, monkeypatch, static=True)
+    try:
+        graphs = static.runner.decode_graphs
+        seen: list[tuple[int, tuple[int, int] | None]] = []
+        bucket = graphs.bucket
+
+        def recording(num_seqs: int, max_context_len: int):
+            seen.append((max_context_len, bucket(num_seqs, max_context_len)))
+            return seen[-1][1]
+
+        monkeypatch.setattr(graphs, "bucket", recording)
+        long_text = "B " * 229 + "end."  # 250 prompt tokens: decodes from context 251 to 259
+        assert len(eager.prepare(request(long_text)).prompt_ids) == 250
+        outputs = []
+        for engine in (eager, static):
+            # A short sequence decodes next to the long one: its row is masked past its own context.
+            handles = [engine.submit(request("Count to ten.", max_tokens=16, logprobs=True)),
+                       engine.submit(request(long_text, max_tokens=10, logprobs=True))]  # fmt: skip
+            results = [handle.result().choices[0] for handle in handles]
+            assert all(choice.error is None for choice in results), [choice.error for choice in results]
+            outputs.append([(c.token_ids, [entry.logprob for entry in c.logprobs]) for c in results])
+        for (ids_e, lp_e), (ids_s, lp_s) in zip(*outputs, strict=True):
+            assert ids_s == ids_e
+            torch.testing.assert_close(torch.tensor(lp_s), torch.tensor(lp_e), rtol=0, atol=1e-4)
+        widths = {context: chosen[1] for context, chosen in seen if chosen is not None}
+        assert widths[255] == widths[256] == 16 and widths[257] == widths[259] == 32
+        assert (2, 32) in [chosen for _, chosen in seen]  # both rows in the wider bucket
+        assert graphs.num_steps == len(seen) and graphs.num_replays == 0
     finally:
         eager.shutdown()
         static.shutdown()

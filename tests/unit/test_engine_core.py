@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw
 from minicpmv.engine.engine import Engine, EngineConfig
 from minicpmv.engine.request import GenerationRequest
 from minicpmv.engine.sampling import SamplingParams
+from tests.unit.test_block_manager import keys_for
 
 _ids = iter(range(10**6))
 
@@ -116,16 +117,36 @@ def test_the_vision_cache_evicts_beyond_its_size(tiny_full):
 def test_the_prefix_cache_evicts_when_the_pool_needs_its_blocks(tiny_full):
     eng = Engine.from_pretrained(tiny_full, dtype="float32", config=EngineConfig(num_kv_blocks=40))
     try:
-        first = request("Describe the first invoice in detail.", max_tokens=8)
-        ids(eng, first)
-        assert hits_of(eng, request("Describe the first invoice in detail.", max_tokens=8))[1] > 0
-        for k in range(6):  # other prompts take every block, cached ones included
-            ids(eng, request(f"Another long question number {k} " + "about shipping " * 30, max_tokens=8))
-        assert eng.block_manager.num_cached_blocks <= 40
-        _, hit, _ = hits_of(eng, request("Describe the first invoice in detail.", max_tokens=8))
-        assert hit <= 16  # at most the system prompt's first block, which every prompt shares
+        text = "Describe the first invoice in detail, " + "line by line, " * 12  # four full blocks
+        first = lambda: request(text, max_tokens=8)  # noqa: E731
+        ids(eng, first())
+        assert hits_of(eng, first())[1] == full_blocks(eng, first()) * 16 == 64
+        # Six prompts of 10 blocks each, all but the first block their own: more than the pool holds, so the
+        # blocks of finished sequences are evicted, least recently used first.
+        others = [request(f"Another long question number {k} " + "about shipping " * 60, max_tokens=8)
+                  for k in range(6)]  # fmt: skip
+        assert 6 * (full_blocks(eng, others[0]) - 1) + full_blocks(eng, first()) > 40
+        for other in others:
+            ids(eng, other)
+        assert cached_blocks(eng, first()) == 0  # the oldest went first ...
+        assert cached_blocks(eng, others[0]) < full_blocks(eng, others[0])  # ... then the next oldest's
+        assert cached_blocks(eng, others[-1]) == full_blocks(eng, others[-1])  # the newest are all kept
+        _, hit, _ = hits_of(eng, first())
+        assert hit == 0
     finally:
         eng.shutdown()
+
+
+def full_blocks(engine: Engine, req: GenerationRequest) -> int:
+    """Full blocks of ``req``'s prompt that the prefix cache could give it (never the last token's)."""
+    return (len(engine.prepare(req).prompt_ids) - 1) // engine.block_manager.block_size
+
+
+def cached_blocks(engine: Engine, req: GenerationRequest) -> int:
+    """Leading blocks of ``req``'s prompt (text only) in the prefix cache now; looks, changes nothing."""
+    prompt = engine.prepare(req).prompt_ids
+    keys = keys_for(prompt, engine.block_manager.block_size)
+    return len(engine.block_manager.cached_prefix(keys, len(prompt)))
 
 
 def _first_image_position(engine: Engine, req: GenerationRequest) -> int:
@@ -158,7 +179,10 @@ def test_greedy_ids_are_the_same_alone_batched_preempted_and_cached(tiny_full):
         handles = [tight.submit(request(f"Long answer {k}.", max_tokens=150)) for k in range(3)]
         handles.append(tight.submit(probe()))
         results = [h.result() for h in handles]
-        assert tight.scheduler.num_preemptions > 0
+        # The newest is preempted, every time: the probe, never the three older ones.
+        preemptions = [h._state.sequences[0].num_preemptions for h in handles]
+        assert preemptions[:3] == [0, 0, 0] and preemptions[3] > 0, preemptions
+        assert tight.scheduler.num_preemptions == preemptions[3]
         assert results[-1].choices[0].token_ids == alone
         assert all(r.choices[0].finish_reason == "length" and r.completion_tokens == 150 for r in results[:3])
         cached = ids(tight, probe())  # the page's blocks are in the prefix cache now
