@@ -1,8 +1,9 @@
 """The engine core on the tiny checkpoint (float32, CPU): KV pool, scheduler, prefix cache, chunked prefill.
 
-Every greedy comparison is exact: float32 on the CPU computes the same numbers whatever the batch, the chunking
-or the cache path, so the same request must give the same ids alone, in a batch, after a preemption and from
-the prefix cache.
+Every greedy comparison is exact: batching, chunking and the cache path change float32 logits by a few ulps at
+most (a row's matmul result depends on the step's row count), which moves a greedy id only where the top two
+logits are that close, so the same request must give the same ids alone, in a batch, after a preemption and
+from the prefix cache.
 """
 
 from __future__ import annotations
