@@ -28,7 +28,9 @@ from safetensors import safe_open
 from torch import nn
 
 from minicpmv.config import MiniCPMVConfig, QuantizationConfig
+from minicpmv.engine.staging import device_scope
 from minicpmv.modeling.minicpmv import MiniCPMV
+from minicpmv.offline import import_bitsandbytes
 
 logger = logging.getLogger(__name__)
 
@@ -200,8 +202,11 @@ def build_model(
         quantized = set(quantized_linear_names(model, quant.skip_modules))
         _replace_with_linear4bit(model, quantized, quant)
 
-    _load_state(model, tensors, quantized, prequantized, quant, device, dtype)
-    _rebuild_rotary(model, device)
+    # With the target GPU current: bitsandbytes' quantization and anything else that names no device work there
+    # (an instance on GPU 3 creates no context on GPU 0).
+    with device_scope(device):
+        _load_state(model, tensors, quantized, prequantized, quant, device, dtype)
+        _rebuild_rotary(model, device)
     _check_materialized(model)
     if quantized:
         _keep_cpu_repacking_where_supported(model)
@@ -218,7 +223,7 @@ def build_model(
 
 
 def _replace_with_linear4bit(model: nn.Module, names: set[str], quant: QuantizationConfig) -> None:
-    import bitsandbytes as bnb
+    bnb = import_bitsandbytes()
 
     compute_dtype = _DTYPES[quant.compute_dtype]
     for name in names:
@@ -337,7 +342,7 @@ def _quant_owner(key: str, quantized: set[str]) -> str | None:
 
 def _load_linear4bit(module, name, parts, prequantized, quant, device) -> None:
     """Fill one ``Linear4bit`` from its checkpoint tensors; every tensor it keeps owns its memory."""
-    import bitsandbytes as bnb
+    bnb = import_bitsandbytes()
 
     bias = parts.pop("bias", None)
     weight = parts.pop("weight", None)
@@ -411,7 +416,7 @@ def _keep_cpu_repacking_where_supported(model: nn.Module) -> None:
     matmul), as on CPUs without AVX512-BF16; all others keep the fast kernel. Set on every device:
     the flag only matters for CPU inputs, and a model moved to the CPU later needs it too.
     """
-    import bitsandbytes as bnb
+    bnb = import_bitsandbytes()
 
     for module in model.modules():
         if not isinstance(module, bnb.nn.Linear4bit):

@@ -18,22 +18,64 @@ checks, against the eager path, the arithmetic the graphs replay.
 
 Attention in this path treats the 7 query heads that share a KV head as 7 query rows of that head (one SDPA
 call, no ``enable_gqa``, no repeated K/V), which lets torch pick its fused kernels with a mask.
+
+Capture runs with this instance's GPU current and Python's cycle collector paused (``collector_paused``); the
+graphs call the runner's forward through a weak reference, so that runner and graphs form no reference cycle
+(a dropped engine is freed at once, not by a later collection that could land in another engine's capture).
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import inspect
 import logging
+import threading
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from minicpmv.engine import staging
 from minicpmv.engine.attention import gqa_decode_attention
 
 logger = logging.getLogger(__name__)
 
 MIN_CONTEXT = 256  # tokens: the smallest context bucket
+
+_pause_lock = threading.RLock()  # re-entrant: a finalizer run by the collection may capture too
+_pauses = 0  # collector_paused blocks open now (captures on several threads)
+_enabled_before = False  # whether the collector was on when the first of them opened
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """One garbage collection now, then Python's cycle collector off until the block ends (back on only if it
+    was on before; nested or concurrent blocks: when the last one ends).
+
+    For CUDA graph capture: a collection during a capture that frees a CUDA graph or CUDA memory (say, of an
+    engine dropped earlier and kept by a reference cycle) makes CUDA calls a capturing stream forbids, and the
+    capture fails ("operation not permitted when stream is capturing"). torch.cuda.graph collected before
+    capturing up to torch 2.8; from 2.9 it does not. The collector is process-wide, so this holds on every
+    thread, as a capture needs (its default mode forbids those calls from any thread). No collection starts
+    while another block is open: it could free memory during that block's capture."""
+    global _pauses, _enabled_before
+    with _pause_lock:
+        if _pauses == 0:
+            gc.collect()
+            _enabled_before = gc.isenabled()
+            gc.disable()
+        _pauses += 1
+    try:
+        yield
+    finally:
+        with _pause_lock:
+            _pauses -= 1
+            if _pauses == 0 and _enabled_before:
+                gc.enable()
 
 
 def batch_buckets(max_num_seqs: int) -> list[int]:
@@ -77,12 +119,13 @@ class DecodeGraphs:
     """Static buffers and, on CUDA, one captured graph per (batch bucket, context bucket).
 
     ``forward(embed_ids, positions, meta)`` is the runner's model forward (embeddings, layers, final norm,
-    lm_head) returning float32 logits [B, V]; it must only launch device work (no host sync).
+    lm_head) returning float32 logits [B, V]; it must only launch device work (no host sync). A bound method is
+    held weakly (the runner owns these graphs: a strong reference back would be a cycle).
     """
 
     def __init__(self, forward: Callable, *, block_size: int, scratch_block: int, max_num_seqs: int,
                  max_context: int, device: torch.device, capture: bool):  # fmt: skip
-        self.forward = forward
+        self._forward = weakref.WeakMethod(forward) if inspect.ismethod(forward) else (lambda: forward)
         self.block_size = block_size
         self.scratch_block = scratch_block
         self.device = device
@@ -95,9 +138,6 @@ class DecodeGraphs:
         self.tables = torch.full((max_batch, max_width), scratch_block, dtype=torch.long, device=device)
         self._offsets = torch.arange(block_size, device=device)
         self._keys = torch.arange(max_width * block_size, device=device)
-        # Reused every step: the previous step's copy out of it has finished, since every step ends with the
-        # sampler's device->host transfer.
-        self._host = torch.empty(max_batch * (2 + max_width), dtype=torch.long, pin_memory=capture)
         self.logits: torch.Tensor | None = None  # [max batch, V]: every graph writes its logits here
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.capture_seconds = 0.0
@@ -118,7 +158,10 @@ class DecodeGraphs:
         rows = torch.arange(batch, device=self.device)
         slot_mapping = slots[rows, positions]
         mask = (self._keys[: width * self.block_size][None, :] <= positions[:, None])[:, None, None, :]
-        return self.forward(ids, positions, StaticDecodeMetadata(slot_mapping, slots, mask))
+        forward = self._forward()
+        if forward is None:
+            raise RuntimeError("the model runner of these CUDA graphs is gone")
+        return forward(ids, positions, StaticDecodeMetadata(slot_mapping, slots, mask))
 
     def bucket(self, num_seqs: int, max_context_len: int) -> tuple[int, int] | None:
         """The smallest (batch, width in blocks) holding this step; None if no bucket does."""
@@ -148,26 +191,26 @@ class DecodeGraphs:
         return self.logits[:n]
 
     def _load(self, ids, positions, block_tables, batch: int, width: int) -> None:
-        """One host->device copy of ids, positions and tables; padding rows and columns point at the scratch
-        block (padding rows decode token 0 at position 0 there)."""
-        pad, scratch = batch - len(ids), self.scratch_block
-        values = [*ids, *[0] * pad, *positions, *[0] * pad]
-        for blocks, position in zip(block_tables, positions, strict=True):
-            used = position // self.block_size + 1
-            values += blocks[:used]
-            values += [scratch] * (width - used)
-        values += [scratch] * (pad * width)
-        host = self._host[: batch * (2 + width)]
-        host.copy_(torch.tensor(values, dtype=torch.long))
-        staged = host.to(self.device, non_blocking=True)
-        self.ids[:batch].copy_(staged[:batch])
-        self.positions[:batch].copy_(staged[batch : 2 * batch])
-        self.tables[:batch, :width].copy_(staged[2 * batch :].view(batch, width))
+        """One host->device copy (pinned, non-blocking) of ids, positions and tables, built with NumPy; padding
+        rows and columns point at the scratch block (padding rows decode token 0 at position 0 there)."""
+        n = len(ids)
+        step = np.zeros((2, batch), dtype=np.int64)
+        step[0, :n] = ids
+        step[1, :n] = positions
+        used = np.zeros(batch, dtype=np.int64)
+        used[:n] = step[1, :n] // self.block_size + 1
+        tables = [*block_tables, *[()] * (batch - n)]
+        table = staging.padded_table(tables, used, width, self.scratch_block)
+        staged, staged_table = staging.upload([step, table], self.device)
+        self.ids[:batch].copy_(staged[0])
+        self.positions[:batch].copy_(staged[1])
+        self.tables[:batch, :width].copy_(staged_table)
 
     # ---------------------------------------------------------------- capture
 
     def _capture_all(self) -> None:
-        with torch.cuda.device(self.device):  # graphs belong to the device current at capture (this instance's)
+        # Graphs belong to the device current at capture (this instance's); no collection may run meanwhile.
+        with staging.device_scope(self.device), collector_paused():
             self._capture_on_device()
 
     def _capture_on_device(self) -> None:

@@ -17,6 +17,7 @@ encoded per step, one scheduled step, sampling), ``cancel``, ``shutdown``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -87,7 +88,10 @@ class Engine:
         self.num_generated_tokens = 0
         self.num_steps = 0
         self._stopped_by_output: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
-        self.output = OutputProcessor(on_stopped=self._on_stopped)
+        # Not a bound method: the output processor must not keep the engine alive (Engine <-> OutputProcessor
+        # was a reference cycle, which left a dropped engine, its model and its KV pool to the cycle collector).
+        self.output = OutputProcessor(on_stopped=functools.partial(_stopped_by_output, self._stopped_by_output,
+                                                                   self._cv))  # fmt: skip
         self._thread = threading.Thread(target=self._loop, name="minicpmv-engine", daemon=True)
         self._thread.start()
 
@@ -302,12 +306,6 @@ class Engine:
         with self._cv:
             self._requests.pop(state.request_id, None)
 
-    def _on_stopped(self, seq: Sequence) -> None:
-        """Output thread: a stop string ended ``seq``; the engine drops it before its next step."""
-        self._stopped_by_output.put(seq)
-        with self._cv:
-            self._cv.notify()
-
     def _retire(self, seq: Sequence, reason: str) -> None:
         if seq.finish_reason is not None:
             return
@@ -320,7 +318,7 @@ class Engine:
 
     def _process(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Sample one token per sequence, hand them to the output thread, retire the finished. Finishes that
-        need no text are decided here; stop strings by the output thread (``_on_stopped``)."""
+        need no text are decided here; stop strings by the output thread (``_stopped_by_output``)."""
         choices = self.logits_processor.choose_all(seqs, logits)  # the step's one device -> host transfer
         items = []
         for seq, (token, logprob) in zip(seqs, choices, strict=True):
@@ -346,3 +344,10 @@ class Engine:
         if len(seq.output_ids) >= state.max_tokens:
             return "length"
         return None
+
+
+def _stopped_by_output(stopped: queue.SimpleQueue, cv: threading.Condition, seq: Sequence) -> None:
+    """Output thread: a stop string ended ``seq``; the engine drops it before its next step."""
+    stopped.put(seq)
+    with cv:
+        cv.notify()

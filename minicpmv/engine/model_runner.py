@@ -5,18 +5,24 @@ loaded), but the layer loop is ours: projections, RoPE and the MLP run on the pa
 (no padding across sequences), K/V go into the pool's slots, and attention is the selected backend
 (``attention.py``). The arithmetic is Qwen2's: RMSNorm, RoPE (rotate-half), GQA attention, SiLU MLP.
 Image placeholder positions take the request's vision embeddings (MiniCPM-V's merge) as they are embedded.
+
+An eager step's integers (token ids, positions, slots, rows to sample, image rows) go to the device in one
+copy (``AttentionMetadata.build``, staging.py). Start-up work (the pool, the attention self-test and timing,
+graph capture) runs with this runner's GPU current, so nothing lands on, or creates a context on, GPU 0.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from minicpmv.engine.attention import AttentionMetadata, select_backend
 from minicpmv.engine.cuda_graphs import DecodeGraphs, StaticDecodeAttention
 from minicpmv.engine.kv_pool import KVPool, PoolShape, pool_bytes
 from minicpmv.engine.request import Sequence
+from minicpmv.engine.staging import device_scope
 from minicpmv.modeling.minicpmv import MiniCPMV
 
 
@@ -47,31 +53,33 @@ class ModelRunner:
         ``max_num_seqs`` and contexts up to ``cuda_graph_max_len``. ``static_decode`` runs those steps through
         the graphs' static-shape forward without capture (default: where graphs are captured); on the CPU that
         is how tests check the arithmetic the graphs replay."""
-        self.model = model
-        cfg = model.config
-        self.num_layers = cfg.num_hidden_layers
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
-        self.head_dim = cfg.head_dim
-        self.device = model.device
-        self.dtype = model.dtype
-        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim
-        self.inv_freq = (1.0 / (cfg.rope_theta**exponent)).to(self.device)
-        shape = PoolShape(self.num_layers, self.num_kv_heads, self.head_dim, block_size, self.dtype)
-        capture = cuda_graphs and self.device.type == "cuda"
-        static = capture if static_decode is None else static_decode
-        if num_kv_blocks is not None:
-            self.pool = KVPool(shape, num_kv_blocks, self.device, scratch_block=static)
-        else:
-            budget = pool_bytes(self.device, kv_cache_memory_mb, gpu_memory_utilization)
-            self.pool = KVPool.from_budget(shape, budget, self.device, scratch_block=static)
-        self.attention = select_backend(attention_backend, self.device, self.dtype)
-        self.decode_graphs: DecodeGraphs | None = None
-        if static:
-            self.decode_graphs = DecodeGraphs(self._forward_static, block_size=block_size,
-                                              scratch_block=self.pool.scratch_block, max_num_seqs=max_num_seqs,
-                                              max_context=cuda_graph_max_len, device=self.device,
-                                              capture=capture)  # fmt: skip
+        with device_scope(model.device):  # the pool, the backend's self-test and timing, the capture
+            self.model = model
+            cfg = model.config
+            self.num_layers = cfg.num_hidden_layers
+            self.num_heads = cfg.num_attention_heads
+            self.num_kv_heads = cfg.num_key_value_heads
+            self.head_dim = cfg.head_dim
+            self.device = model.device
+            self.dtype = model.dtype
+            exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim
+            self.inv_freq = (1.0 / (cfg.rope_theta**exponent)).to(self.device)
+            shape = PoolShape(self.num_layers, self.num_kv_heads, self.head_dim, block_size, self.dtype)
+            capture = cuda_graphs and self.device.type == "cuda"
+            static = capture if static_decode is None else static_decode
+            if num_kv_blocks is not None:
+                self.pool = KVPool(shape, num_kv_blocks, self.device, scratch_block=static)
+            else:
+                budget = pool_bytes(self.device, kv_cache_memory_mb, gpu_memory_utilization)
+                self.pool = KVPool.from_budget(shape, budget, self.device, scratch_block=static)
+            self.attention = select_backend(attention_backend, self.device, self.dtype)
+            self.decode_graphs: DecodeGraphs | None = None
+            if static:
+                # A bound method: DecodeGraphs holds it weakly (no runner <-> graphs reference cycle).
+                self.decode_graphs = DecodeGraphs(self._forward_static, block_size=block_size,
+                                                  scratch_block=self.pool.scratch_block, max_num_seqs=max_num_seqs,
+                                                  max_context=cuda_graph_max_len, device=self.device,
+                                                  capture=capture)  # fmt: skip
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq  # [T, D/2], float32 as in transformers
@@ -82,36 +90,42 @@ class ModelRunner:
     def execute(self, batch: list[ScheduledSeq]) -> torch.Tensor:
         """One forward over ``batch``; returns float32 logits [S, V] for the entries with ``sample`` set, in
         batch order. K/V of every scheduled token are in the pool afterwards."""
-        ids, positions, query_lens, context_lens, tables, sample_rows = [], [], [], [], [], []
-        vision: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (packed offset, positions, embeds)
+        ids, query_lens, context_lens, tables, sample_rows = [], [], [], [], []
+        vision_rows: list[np.ndarray] = []  # packed rows of image placeholder positions (host integers)
+        vision_embeds: list[torch.Tensor] = []  # their embeddings
         total = 0
         for entry in batch:
             seq, start, length = entry.seq, entry.seq.num_computed_tokens, entry.num_tokens
             ids.extend(seq.token_ids_range(start, start + length))
-            positions.extend(range(start, start + length))
             query_lens.append(length)
             context_lens.append(start + length)
             tables.append(seq.block_table)
             state = seq.request
             if state.vision_positions is not None and start < state.vision_end:
-                inside = (state.vision_positions >= start) & (state.vision_positions < start + length)
-                if bool(inside.any()):
-                    vision.append((total - start, state.vision_positions[inside], state.vision_embeds[inside]))
+                # Positions ascend (encoder.finish: spans in prompt order), so this chunk's are one range of them,
+                # found on the host: a slice of the embeddings, no boolean mask on the device (no sync).
+                where = state.vision_positions.numpy()
+                first, end = np.searchsorted(where, (start, start + length)).tolist()
+                if end > first:
+                    vision_rows.append(where[first:end] + (total - start))
+                    vision_embeds.append(state.vision_embeds[first:end])
             total += length
             if entry.sample:
                 sample_rows.append(total - 1)
-        if self.decode_graphs is not None and not vision and all(e.sample and e.num_tokens == 1 for e in batch):
-            logits = self.decode_graphs.run(ids, positions, tables)
+        if self.decode_graphs is not None and not vision_rows and all(e.sample and e.num_tokens == 1 for e in batch):
+            logits = self.decode_graphs.run(ids, [ctx - 1 for ctx in context_lens], tables)
             if logits is not None:
                 return logits
         device = self.device
-        embeds = self.model.llm.model.embed_tokens(torch.tensor(ids, dtype=torch.long, device=device))
-        for offset, where, rows in vision:
-            embeds[(where + offset).to(device)] = rows.to(device=device, dtype=embeds.dtype)
-        meta = AttentionMetadata.build(query_lens, context_lens, tables, self.pool.block_size, device)
-        hidden = self._layers(embeds, torch.tensor(positions, device=device), meta, self.attention)
-        rows = torch.tensor(sample_rows, dtype=torch.long, device=device)
-        return self._logits(self.model.llm.model.norm(hidden.index_select(0, rows)))
+        meta = AttentionMetadata.build(query_lens, context_lens, tables, self.pool.block_size, device, input_ids=ids,
+                                       sample_rows=sample_rows,
+                                       vision_rows=np.concatenate(vision_rows) if vision_rows else None)  # fmt: skip
+        embeds = self.model.llm.model.embed_tokens(meta.input_ids)
+        if vision_rows:
+            rows = torch.cat(vision_embeds).to(device=device, dtype=embeds.dtype)
+            embeds.index_copy_(0, meta.vision_rows, rows)
+        hidden = self._layers(embeds, meta.positions, meta, self.attention)
+        return self._logits(self.model.llm.model.norm(hidden.index_select(0, meta.sample_rows)))
 
     def _forward_static(self, ids: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
         """The decode forward of cuda_graphs.py: one token per row, every row sampled; device work only."""
