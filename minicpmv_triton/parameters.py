@@ -3,6 +3,11 @@
 Environment variables override them, so tests and the demo point the same model repository at tiny
 checkpoints: ``MINICPMV_CHECKPOINT_<MODEL_NAME>`` (e.g. ``MINICPMV_CHECKPOINT_MINICPM_V_2_6_INT4``), then
 ``MINICPMV_CHECKPOINT``; ``MINICPMV_DEVICE``; ``MINICPMV_DTYPE``.
+
+Several engines on one GPU: ``gpu_memory_utilization`` "auto" (or unset) is EngineConfig's default (0.9) divided by
+``MINICPMV_ENGINES_PER_GPU`` (default 1), the number of model instances sharing each GPU (``gpu_memory_share``).
+scripts/launch_triton.py sets it, on GPUs, to the number of models it loads (each has one instance per GPU), so
+``serve.sh --model both`` gives each model 0.45. A number in config.pbtxt is taken as it is.
 """
 
 from __future__ import annotations
@@ -17,6 +22,23 @@ from minicpmv.engine.config import EngineConfig
 # Engine parameters are EngineConfig's fields, typed by its annotations: one definition, no copy here.
 _ENGINE_FIELDS = {f.name: str(f.type) for f in fields(EngineConfig)}
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+ENGINES_PER_GPU_ENV = "MINICPMV_ENGINES_PER_GPU"
+
+
+def gpu_memory_share(engines_per_gpu: int) -> float:
+    """``gpu_memory_utilization`` "auto": EngineConfig's default share of a GPU (0.9) split evenly between the
+    ``engines_per_gpu`` engines (model instances) on it; each engine's KV budget is its share of the GPU's total
+    memory less its own weights (``kv_pool.cuda_kv_budget``). 1 engine: 0.9; 2: 0.45 each."""
+    if engines_per_gpu < 1:
+        raise ValueError(f"engines_per_gpu must be >= 1, got {engines_per_gpu}")
+    return EngineConfig.gpu_memory_utilization / engines_per_gpu
+
+
+def _engines_per_gpu(name: str, environ) -> int:
+    text = (environ.get(ENGINES_PER_GPU_ENV) or "1").strip()
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{name}: {ENGINES_PER_GPU_ENV} must be a whole number >= 1, got {text!r}")
+    return int(text)
 
 
 def _convert(name: str, key: str, annotation: str, text: str) -> Any:
@@ -63,6 +85,8 @@ class ModelParameters:
         engine: dict[str, Any] = {}
         for key, text in raw.items():
             text = text.strip()
+            if key == "gpu_memory_utilization" and text.lower() in ("", "auto"):
+                continue  # set below
             if key in _ENGINE_FIELDS:
                 if text:  # empty: EngineConfig's default
                     engine[key] = _convert(name, key, _ENGINE_FIELDS[key], text)
@@ -77,6 +101,8 @@ class ModelParameters:
             values["quantization"] = None
         if values.get("quantization") not in (None, "nf4"):
             raise ValueError(f"{name}: parameter 'quantization' must be empty or 'nf4'")
+        if "gpu_memory_utilization" not in engine:
+            engine["gpu_memory_utilization"] = gpu_memory_share(_engines_per_gpu(name, environ))
         for key, low, high in (("default_max_slice_nums", 1, 36), ("vision_cache_size", 0, 100_000)):
             if key in engine and not low <= engine[key] <= high:
                 raise ValueError(f"{name}: parameter '{key}' must be between {low} and {high}, got {engine[key]}")
@@ -88,7 +114,11 @@ class ModelParameters:
 
     def describe(self) -> str:
         quant = f", quantization {self.quantization}" if self.quantization else ""
-        return f"{self.checkpoint} on {self.device} ({self.dtype}{quant}, max_num_seqs {self.engine.max_num_seqs})"
+        share = ""
+        if self.device.startswith("cuda") and self.engine.kv_cache_memory_mb is None:
+            share = f", gpu_memory_utilization {self.engine.gpu_memory_utilization:.2f}"
+        return (f"{self.checkpoint} on {self.device} ({self.dtype}{quant}, max_num_seqs {self.engine.max_num_seqs}"
+                f"{share})")
 
     def checkpoint_dir(self):
         from minicpmv.weights import resolve_checkpoint
@@ -100,7 +130,10 @@ class ModelParameters:
 
 
 def _resolve_device(device: str, args: dict[str, str]) -> str:
-    """ "auto": the instance's GPU for KIND_GPU, else CUDA when available, else the CPU."""
+    """ "auto": the instance's GPU for KIND_GPU, else CUDA when available, else the CPU. "gpu" (what
+    scripts/launch_triton.py --device gpu sets): the instance's GPU for KIND_GPU, else CUDA."""
+    if device == "gpu":
+        return _resolve_device("auto", args) if args.get("model_instance_kind") == "GPU" else "cuda"
     if device != "auto":
         return device
     if args.get("model_instance_kind") == "GPU":

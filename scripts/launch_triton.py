@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 from types import FrameType
 
 from minicpmv_triton.launcher import TritonNotFoundError, TritonServer, TritonStartupError
+from minicpmv_triton.parameters import ENGINES_PER_GPU_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT_ENV = {
@@ -83,9 +85,19 @@ def resolve_device(device: str) -> str:
     return "gpu" if shutil.which("nvidia-smi") else "cpu"
 
 
-def server_env(args: argparse.Namespace, device: str) -> dict[str, str]:
+def server_env(args: argparse.Namespace, device: str, models: list[str], environ=None) -> dict[str, str]:
+    """The variables set for the server on top of ``environ`` (default ``os.environ``).
+
+    On GPUs every model has one instance on each GPU (the configs' ``instance_group``, ``count: 1 kind:
+    KIND_GPU``), so all loaded models share each GPU: MINICPMV_ENGINES_PER_GPU tells each instance how many
+    there are, and ``gpu_memory_utilization`` "auto" becomes an even share (minicpmv_triton/parameters.py). A
+    value already in ``environ`` (an operator's) is kept.
+    """
+    environ = os.environ if environ is None else environ
     env = {name: getattr(args, key) for key, name in CHECKPOINT_ENV.items() if getattr(args, key)}
     env[DEVICE_ENV] = device
+    if device == "gpu" and not environ.get(ENGINES_PER_GPU_ENV):
+        env[ENGINES_PER_GPU_ENV] = str(len(models))
     return env
 
 
@@ -121,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
         log_verbose=args.log_verbose,
-        extra_env=server_env(args, device),
+        extra_env=server_env(args, device, models),
         extra_args=server_args(args, device),
         exit_timeout=args.exit_timeout,
         address=args.address,

@@ -34,6 +34,7 @@ Options:
   --model full|int4|both        which model(s) to serve (default: int4; with --demo: both)
                                   int4: openbmb/MiniCPM-V-2_6-int4, bitsandbytes nf4, about 6 GB
                                   full: openbmb/MiniCPM-V-2_6, bf16, about 16 GB
+                                  both: on one GPU each takes 0.45 of its memory (about 40 GB needed)
   --demo                        tiny random-weight checkpoints made locally, on the CPU: nothing to
                                 download, no GPU needed; it tries the whole stack (the answers are noise)
   --checkpoint-full PATH_OR_REPO  a local checkpoint directory (used as it is) or a Hub repository id
@@ -52,6 +53,7 @@ Environment:
                                 defaults for --checkpoint-full, --checkpoint-int4
   HF_HOME, HF_HUB_CACHE, HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE
                                 the Hugging Face cache, a mirror, a token, cache-only mode
+  MINICPMV_ENGINES_PER_GPU      models sharing each GPU (default: the number served); each takes 0.90 / N
   MINICPMV_FRONTEND_*           further frontend settings, e.g. MINICPMV_FRONTEND_API_KEYS
                                 (see openai_frontend/settings.py)
   MINICPMV_SKIP_SETUP=1         do not run scripts/setup.sh; use the virtual environment as it is

@@ -119,7 +119,9 @@ def quantize_linears(
     ``bnb.nn.Linear4bit.state_dict()`` holds): ``<module>.weight`` (packed uint8) and
     ``<module>.weight.<key>`` for each entry of ``QuantState.as_dict(packed=True)``; the rest passes as is.
     """
-    import bitsandbytes.functional as bnb_functional
+    from minicpmv.offline import import_bitsandbytes
+
+    bnb_functional = import_bitsandbytes().functional
 
     storage = getattr(torch, quant.quant_storage)
     for name, tensor in tensors:

@@ -20,8 +20,9 @@ class EngineConfig:
     the cost of a step (the CPU); see scheduler.py.
     ``max_waiting``: requests queued before ``submit`` raises QueueFullError. ``max_model_len``: context limit
     (default: the model's max_position_embeddings). ``block_size``: tokens per KV block. KV pool size:
-    ``kv_cache_memory_mb`` if set, else on CUDA the free memory after loading times
-    ``gpu_memory_utilization``, on the CPU 1024 MB; ``num_kv_blocks`` overrides both with an exact block count
+    ``kv_cache_memory_mb`` if set, else on CUDA ``gpu_memory_utilization`` of the GPU's total memory less this
+    process's weights, at most 95% of what is free (``kv_pool.cuda_kv_budget``; two engines on one GPU at 0.45
+    each), on the CPU 1024 MB; ``num_kv_blocks`` overrides both with an exact block count
     (tests, exact sizing). ``enable_prefix_caching``: share the KV of identical
     prompt prefixes (images included) between requests. ``max_encoder_slices_per_step``: image slices
     encoded per step while other sequences decode (all at once when none does); unset: a prefill chunk's

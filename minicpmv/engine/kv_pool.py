@@ -50,9 +50,15 @@ def pool_bytes(device: torch.device, kv_cache_memory_mb: int | None, gpu_memory_
         return int(kv_cache_memory_mb) << 20
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        own = torch.cuda.memory_reserved(device)
-        return max(0, int(min(total * gpu_memory_utilization - own, free * 0.95)))
+        return cuda_kv_budget(free, total, torch.cuda.memory_reserved(device), gpu_memory_utilization)
     return DEFAULT_CPU_KV_MB << 20
+
+
+def cuda_kv_budget(free: int, total: int, own: int, gpu_memory_utilization: float) -> int:
+    """``pool_bytes``' arithmetic on a GPU, in bytes: ``total * gpu_memory_utilization - own``, at most 95% of
+    ``free``, never negative. ``free``/``total``: ``torch.cuda.mem_get_info``; ``own``: what this process holds
+    (its weights; ``torch.cuda.memory_reserved``)."""
+    return max(0, int(min(total * gpu_memory_utilization - own, free * 0.95)))
 
 
 class KVPool:

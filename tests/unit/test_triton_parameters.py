@@ -238,7 +238,9 @@ def test_real_config_parameters_are_accepted(model_dir, config_file):
                 "kv_cache_memory_mb"):  # fmt: skip
         if key in raw:
             assert getattr(params.engine, key) == int(raw[key])
-    if "gpu_memory_utilization" in raw:
+    if raw.get("gpu_memory_utilization") == "auto":  # 0.9 split between the engines on a GPU (test_gpu_sharing.py)
+        assert params.engine.gpu_memory_utilization == pytest.approx(0.9)
+    elif "gpu_memory_utilization" in raw:
         assert params.engine.gpu_memory_utilization == float(raw["gpu_memory_utilization"])
 
 
