@@ -1,20 +1,24 @@
 #!/usr/bin/env python3
 """The GPU check: one command that proves and times MiniCPM-V 2.6 on a GPU, in stages with their own time caps.
 
-    python3 benchmarks/gpu_check.py --out $OUT                    # on the GPU machine (~5 min on one H200)
-    .venv/bin/python benchmarks/gpu_check.py --device cpu --tiny  # smoke run of every stage (test suite, <90 s)
+    bash scripts/gpu_check_device.sh --out $OUT                   # on the GPU machine (under 7 min)
+    .venv/bin/python benchmarks/gpu_check.py --device cpu --tiny  # smoke run of every stage (test suite)
     .venv/bin/python benchmarks/gpu_check.py --device cpu --full-size --workdir /var/tmp/mcv  # ~15 min, 24 GB
 
-Stages (each a subprocess, killed at its cap; what it measured so far is kept):
+First the pre-flight (benchmarks/preflight.py, seconds: every import, the tokenizer files, the GPU and its free
+memory); if it fails, no stage runs and the exit status is 2. Then the stages (each a subprocess, killed at its
+cap; what it measured so far is kept, and gpu_check.json / .md are rewritten after every stage):
   env          GPU, driver, versions (torch, CUDA, transformers, bitsandbytes, xgrammar), which attention
-               kernels run here (SDPA flash / memory-efficient / cuDNN / math, varlen, FlexAttention).
+               kernels run here (SDPA flash / memory-efficient / cuDNN / math, varlen, FlexAttention eager).
   correctness  tiny checkpoints made on the spot: float32 reproduces the original code's golden logits and
                greedy ids (plain loop and engine loop); bf16 within its stated tolerance; nf4 pre-quantized and
                quantized on load, generating; the engine alone vs in a batch, and vs the CPU; JSON mode, seeds.
                These are exactly the checks of tests/gpu (minicpmv/devtools/device_checks.py).
-  full_bf16    the real config with random weights, built directly on the device (no disk, no download):
-  full_nf4     weight memory, output tokens/s at 1, 16 and 64 concurrent sequences, time to first token of
-               a 1344x1344 page (10 slices), peak memory, each throughput against the HBM-bandwidth bound.
+  full_bf16    the real config with random weights, built directly on the device (no disk, no download), the
+  full_nf4     engine configured as tritonserver configures it (model_repository/*/config.pbtxt: the same CUDA
+               graphs): weight memory, CUDA-graph decode steps against eager ones (logits, greedy ids), output
+               tokens/s at 1, 16 and 64 concurrent sequences, time to first token of a 1344x1344 page (10
+               slices), peak memory, each throughput against the HBM-bandwidth bound.
   triton       if tritonserver is installed: the real model repository (KIND_GPU config on a GPU) with the tiny
                checkpoints, one request per model through the OpenAI frontend.
 With ``--device cpu --full-size`` the stages are env, checkpoints (a full-size bf16 and int4 checkpoint written
@@ -22,13 +26,14 @@ shard by shard into --workdir, reused when present), cpu_bf16 and cpu_nf4 (load 
 image request, peak RSS). ``--tiny`` runs the default stages at the tiny size: the plumbing, not the figures.
 
 Writes ``<out>/gpu_check.json`` and ``gpu_check.md`` plus one ``stage_<name>.json`` per stage (at most 8 files:
-no more come back from the GPU machine), and prints a summary. Exit status 1 if a check failed or a stage did
-not finish.
+no more come back from the GPU machine), and prints a summary. Exit status 2 if the pre-flight failed, 1 if a
+check failed or a stage did not finish.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -45,8 +50,19 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "fixtures" / "golden"
-GPU_STAGES = {"env": 90, "correctness": 120, "full_bf16": 120, "full_nf4": 120, "triton": 90}
+# Caps in seconds. The budget (GPU_BUDGET_S) counts from the start of the pre-flight; the stages but triton add up
+# to 350 of it. With the wheels' install (~15 s) and a cut stage's grace (STOP_GRACE_S) that is at most ~395 s,
+# inside the device call's timeout_s of 420 s, and with the machine's start (2-3 min) the call fits in 10 minutes
+# (docs/benchmarks.md "Running the GPU check"). The triton stage takes what is left (it skips in seconds where
+# tritonserver is not installed; run alone with --stages triton it has its cap). The CPU's tiny smoke run gets
+# CPU_TINY_SCALE times each (2 shared cores).
+GPU_STAGES = {"env": 30, "correctness": 100, "full_bf16": 120, "full_nf4": 100, "triton": 90}
+GPU_BUDGET_S = 360
+CPU_TINY_SCALE = 2
 CPU_FULL_STAGES = {"env": 60, "checkpoints": 900, "cpu_bf16": 600, "cpu_nf4": 600}
+PREFLIGHT_CAP_S = 60
+# The model whose config.pbtxt configures each full-size stage's engine.
+TRITON_MODELS = {"full_bf16": "minicpm_v_2_6", "full_nf4": "minicpm_v_2_6_int4"}
 GIB = 1 << 30
 
 
@@ -118,11 +134,9 @@ def stage_env(rec: Recorder, args: argparse.Namespace) -> None:
         except (OSError, subprocess.TimeoutExpired) as e:
             info["driver"] = f"unknown ({e})"
     rec["hardware"] = info
-    from minicpmv.devtools.attention_probe import probe_attention, probe_flex_compiled
+    from minicpmv.devtools.attention_probe import probe_attention
 
     rec["attention"] = probe_attention(args.device)
-    if args.device == "cuda":  # on the CPU compiling needs a C++ toolchain and says nothing about the GPU
-        rec.step("flex_attention_compiled", lambda: probe_flex_compiled(args.device))
 
 
 def _checkpoints(workdir: Path, int4: bool = True) -> tuple[Path, Path, Path | None]:
@@ -166,6 +180,7 @@ def _model_config(tiny: bool) -> dict[str, Any]:
 def stage_full(rec: Recorder, args: argparse.Namespace, nf4: bool) -> None:
     import torch
 
+    from minicpmv.devtools import device_checks as checks
     from minicpmv.devtools import speed
 
     device = torch.device(args.device)
@@ -173,8 +188,15 @@ def stage_full(rec: Recorder, args: argparse.Namespace, nf4: bool) -> None:
     bandwidth = args.hbm_tbs * 1e12 if args.hbm_tbs else bandwidth
     rec["size"] = "tiny" if args.tiny else "full (real config, random weights)"
     rec["hbm_bytes_per_s"] = bandwidth
+    model = TRITON_MODELS[args.stage]
+    config = speed.triton_engine_config(model)
+    if max(args.concurrency) > config.max_num_seqs:
+        config = dataclasses.replace(config, max_num_seqs=max(args.concurrency))
+    shown = ("max_num_seqs", "max_num_batched_tokens", "cuda_graphs", "cuda_graph_max_len", "gpu_memory_utilization",
+             "block_size")  # fmt: skip
+    rec["engine_config"] = {"from": f"model_repository/{model}/config.pbtxt"} | {k: getattr(config, k) for k in shown}
     started = time.perf_counter()
-    engine = speed.random_engine(_model_config(args.tiny), args.device, nf4=nf4, max_num_seqs=max(args.concurrency))
+    engine = speed.random_engine(_model_config(args.tiny), args.device, nf4=nf4, engine_config=config)
     try:
         speed.synchronize(device)
         rec["build_s"] = round(time.perf_counter() - started, 1)
@@ -186,8 +208,14 @@ def stage_full(rec: Recorder, args: argparse.Namespace, nf4: bool) -> None:
                           "attention": engine.runner.attention.name,
                           "attention_step_ms": engine.runner.attention.timings_ms}  # fmt: skip
         graphs = engine.runner.decode_graphs
-        rec["cuda_graphs"] = None if graphs is None else {"captured": len(graphs.graphs),
-                                                          "capture_s": round(graphs.capture_seconds, 2)}  # fmt: skip
+        rec["cuda_graphs"] = None if graphs is None else {
+            "captured": len(graphs.graphs), "capture_s": round(graphs.capture_seconds, 2),
+            "batch_buckets": graphs.batch_sizes, "max_context_tokens": graphs.max_context,
+            "context_buckets_tokens": [w * engine.runner.pool.block_size for w in graphs.widths]}  # fmt: skip
+        if graphs is not None:
+            rec.step("cuda_graphs_vs_eager", lambda: checks.check_graphs_against_eager(engine))
+        else:
+            rec["cuda_graphs_vs_eager"] = f"skipped: no CUDA graphs on {args.device}"
         rec.step("warmup", lambda: speed.measure_decode(engine, 2, 4))
         speed.reset_peak_memory(device)
         for level in args.concurrency:
@@ -371,11 +399,49 @@ def run_stage(args: argparse.Namespace) -> int:
 
 
 def stage_caps(args: argparse.Namespace) -> dict[str, int]:
-    caps = dict(CPU_FULL_STAGES if args.full_size else GPU_STAGES)
+    if args.full_size:
+        caps = dict(CPU_FULL_STAGES)
+    else:
+        scale = CPU_TINY_SCALE if args.device == "cpu" else 1
+        caps = {name: cap * scale for name, cap in GPU_STAGES.items()}
     for item in args.cap:
         name, _, seconds = item.partition("=")
         caps[name] = int(seconds)
     return {name: caps[name] for name in args.stages}
+
+
+def run_preflight(args: argparse.Namespace) -> dict[str, Any]:
+    """benchmarks/preflight.py in a process of its own, capped at PREFLIGHT_CAP_S: its results."""
+    path = args.workdir / "preflight.json"
+    path.unlink(missing_ok=True)
+    cmd = [sys.executable, str(Path(__file__).resolve().parent / "preflight.py"), "--device", args.device,
+           "--json", str(path)]  # fmt: skip
+    if args.min_free_gib is not None:
+        cmd += ["--min-free-gib", str(args.min_free_gib)]
+    code = _run_capped(cmd, PREFLIGHT_CAP_S)
+    result = json.loads(path.read_text()) if path.exists() else {"passed": False, "failed": [], "checks": {}}
+    if code is None:
+        result |= {"passed": False, "error": f"timed out after {PREFLIGHT_CAP_S} s"}
+    elif code != 0:
+        result["passed"] = False
+        if not result["failed"]:
+            result["error"] = f"exited with status {code} (see its output above)"
+    return result
+
+
+def write_summary(args: argparse.Namespace, summary: dict[str, Any], started: float) -> str:
+    """gpu_check.json and gpu_check.md as they stand (rewritten after every stage: a call cut by its timeout still
+    returns the figures of the stages that finished); returns the markdown."""
+    summary["runtime_s"] = round(time.monotonic() - started, 1)
+    env = summary["stages"].get("env", {}).get("results", {})
+    summary["hardware"] = env.get("hardware", {})
+    summary["versions"] = env.get("versions", {})
+    (args.out / "gpu_check.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    from gpu_check_report import render_markdown  # the sibling script (its folder is sys.path[0])
+
+    text = render_markdown(summary)
+    (args.out / "gpu_check.md").write_text(text)
+    return text
 
 
 def run_all(args: argparse.Namespace) -> int:
@@ -388,6 +454,14 @@ def run_all(args: argparse.Namespace) -> int:
         "mode": {"device": args.device, "size": "tiny" if args.tiny else "full", "budget_s": args.budget_s},
         "stages": {},
     }
+    if not args.skip_preflight:
+        summary["preflight"] = run_preflight(args)
+        if not summary["preflight"]["passed"]:
+            reason = "the pre-flight failed: " + ", ".join(summary["preflight"].get("failed") or ["see its output"])
+            summary["stages"] = {name: {"status": "not_run", "reason": reason} for name in caps}
+            print("\n" + write_summary(args, summary, started))
+            print(f"gpu_check: {reason}; no stage was run", file=sys.stderr, flush=True)
+            return 2
     for name, cap in caps.items():
         left = args.budget_s - (time.monotonic() - started)
         if left < 5:
@@ -405,16 +479,8 @@ def run_all(args: argparse.Namespace) -> int:
         summary["stages"][name] = {"status": status, "seconds": round(time.monotonic() - stage_started, 1),
                                    "cap_s": round(timeout), **data}  # fmt: skip
         print(f"stage {name}: {status} ({summary['stages'][name]['seconds']} s)", flush=True)
-    summary["runtime_s"] = round(time.monotonic() - started, 1)
-    env = summary["stages"].get("env", {}).get("results", {})
-    summary["hardware"] = env.get("hardware", {})
-    summary["versions"] = env.get("versions", {})
-    (args.out / "gpu_check.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    from gpu_check_report import render_markdown  # the sibling script (its folder is sys.path[0])
-
-    text = render_markdown(summary)
-    (args.out / "gpu_check.md").write_text(text)
-    print("\n" + text)
+        write_summary(args, summary, started)
+    print("\n" + write_summary(args, summary, started))
     bad = [n for n, s in summary["stages"].items() if s["status"] not in ("ok", "skipped")]
     return 1 if bad else 0
 
@@ -430,7 +496,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu_check")
     add("--workdir", type=Path, default=None, help="checkpoints go here (default: a temporary folder)")
     add("--stages", default=None, help="comma-separated subset of the stages, in order")
-    add("--budget-s", type=float, default=450.0, help="all stages together (default 450 s, under 8 minutes)")
+    add("--budget-s", type=float, default=None,
+        help=f"the pre-flight and all stages together (default {GPU_BUDGET_S} s; x{CPU_TINY_SCALE} with --device cpu)")
+    add("--skip-preflight", action="store_true", help="run the stages without the pre-flight first")
+    add("--min-free-gib", type=float, default=None, help="the pre-flight's free GPU memory floor (default 24)")
     add("--cap", action="append", default=[], metavar="STAGE=SECONDS", help="override one stage's time cap")
     add("--concurrency", default=None, help="decode levels (default 1,16,64; tiny 1,4)")
     add("--output-tokens", type=int, default=None, help="output tokens per request (default 128; tiny 8)")
@@ -447,17 +516,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown stage(s) {unknown}; choose from {list(all_stages)}")
     args.concurrency = [int(c) for c in (args.concurrency or ("1,4" if args.tiny else "1,16,64")).split(",")]
     args.output_tokens = args.output_tokens or (8 if args.tiny else 128 if not args.full_size else 4)
+    if args.budget_s is None:
+        args.budget_s = float(GPU_BUDGET_S * (CPU_TINY_SCALE if args.device == "cpu" and not args.full_size else 1))
+        if args.full_size:
+            args.budget_s = float(sum(CPU_FULL_STAGES.values()))
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.device == "cuda" and args.stage is None:
-        import torch  # only to fail fast with a clear message
-
-        if not torch.cuda.is_available():
-            print("gpu_check: torch sees no CUDA device (use --device cpu for the CPU modes)", file=sys.stderr)
-            return 2
+    args = parse_args(argv)  # (a machine without a usable GPU fails the pre-flight, in seconds)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.stage is not None:
         args.workdir = Path(args.workdir)
@@ -466,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
+        args.workdir = workdir
         args.child_args = [a for a in (argv if argv is not None else sys.argv[1:])]
         args.child_args += ["--workdir", str(workdir), "--out", str(args.out)]
         return run_all(args)

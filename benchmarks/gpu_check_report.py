@@ -20,8 +20,18 @@ def render_markdown(summary: dict[str, Any]) -> str:
              "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v) + ".",
              f"Command: `{summary['command']}`; mode {summary['mode']}; {summary['runtime_s']} s in all.", "",
              "| stage | status | seconds | failed steps |", "|---|---|---|---|"]  # fmt: skip
+    preflight = summary.get("preflight")
+    if preflight:
+        checks = preflight.get("checks", {})
+        timed = ", ".join(f"{name} {_fmt(check.get('seconds'))} s" for name, check in checks.items())
+        errors = [f"{name}: {check['error']}" for name, check in checks.items() if not check.get("passed")]
+        errors += [preflight["error"]] if preflight.get("error") else []
+        verdict = "passed" if preflight.get("passed") else "FAILED"
+        text = f"Pre-flight: {verdict} in {_fmt(preflight.get('seconds'))} s ({timed})"
+        lines.insert(len(lines) - 3, text + "".join(f"; {e}" for e in errors) + ".")
     for name, stage in stages.items():
         failed = ", ".join(stage.get("failed", [])) or ("error: " + stage["error"] if stage.get("error") else "")
+        failed = failed or stage.get("reason", "")
         lines.append(f"| {name} | {stage['status']} | {_fmt(stage.get('seconds'))} | {failed} |")
     attention = stages.get("env", {}).get("results", {}).get("attention")
     if attention:
@@ -40,6 +50,10 @@ def render_markdown(summary: dict[str, Any]) -> str:
             continue
         head = {k: v for k, v in results.items() if not isinstance(v, dict)}
         lines += ["", f"## {name}", "", ", ".join(f"{k}: {v}" for k, v in head.items())]
+        for key in ("engine_config", "cuda_graphs", "cuda_graphs_vs_eager"):
+            if isinstance(results.get(key), dict):
+                shown = {k: v for k, v in results[key].items() if k not in ("traceback",)}
+                lines.append(f"\n{key}: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
         rows = [(k, v) for k, v in results.items()
                 if k.startswith("decode_c") and isinstance(v, dict) and v.get("passed")]  # fmt: skip
         if rows:

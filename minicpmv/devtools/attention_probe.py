@@ -7,7 +7,6 @@ heads, head_dim 128) and reports "yes", or "no: <reason>".
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import torch
@@ -58,17 +57,10 @@ def probe_attention(device: str) -> dict[str, str]:
         out[f"sdpa_{name}_causal_gqa"] = _try(causal)
         out[f"sdpa_{name}_bool_mask_gqa"] = _try(masked)
     out["varlen_attn"] = _probe_varlen(device, dtype)
-    out["flex_attention_eager"] = _probe_flex(device, dtype, compiled=False)
+    out["flex_attention_eager"] = _probe_flex(device, dtype)
     if device == "cuda":
         torch.cuda.synchronize()
     return out
-
-
-def probe_flex_compiled(device: str) -> dict[str, str]:
-    """FlexAttention through torch.compile (Triton kernels on CUDA); compiling takes a while, so it is separate."""
-    started = time.perf_counter()
-    result = _probe_flex(device, torch.bfloat16 if device == "cuda" else torch.float32, compiled=True)
-    return {"flex_attention_compiled": result, "compile_and_run_s": f"{time.perf_counter() - started:.1f}"}
 
 
 def _probe_varlen(device: str, dtype: torch.dtype) -> str:
@@ -88,7 +80,9 @@ def _probe_varlen(device: str, dtype: torch.dtype) -> str:
     return _try(run)
 
 
-def _probe_flex(device: str, dtype: torch.dtype, compiled: bool) -> str:
+def _probe_flex(device: str, dtype: torch.dtype) -> str:
+    """FlexAttention, eager only: compiling it (torch.compile, 30-90 s cold on a GPU) measured a kernel that
+    nothing here uses."""
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError as e:
@@ -99,8 +93,7 @@ def _probe_flex(device: str, dtype: torch.dtype, compiled: bool) -> str:
         k = torch.randn(1, KV_HEADS, 128, HEAD_DIM, device=device, dtype=dtype)
         v = torch.randn_like(k)
         block_mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, 1, 1, 128, 128, device=device)
-        fn = torch.compile(flex_attention) if compiled else flex_attention
-        fn(q, k, v, block_mask=block_mask, enable_gqa=True)
+        flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
 
     import warnings
 

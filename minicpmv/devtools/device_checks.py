@@ -41,6 +41,13 @@ CHECK_KV_MB = 256
 NF4_REL_TOL = 0.7
 # The same quantized weights on two devices differ only in kernel summation order.
 NF4_SAME_WEIGHTS_TOL = 0.05
+# CUDA graphs against eager decode (bf16, the same weights and inputs): the two differ only in kernels (gathered-key
+# SDPA over a padded batch against the eager attention backend, GEMMs of other shapes), i.e. in bf16 rounding, which
+# moves the tiny model's logits by 2-3% against float32; a wrong position, mask or block table moves them by tens of
+# percent. The bound is BF16_REL_TOL's. Greedy ids may differ only where the eager logits' top two are within
+# GRAPH_TIE: random-weight logits are ~N(0, 1) and their top two over 151k ids are often closer than bf16 rounding.
+GRAPH_REL_TOL = BF16_REL_TOL
+GRAPH_TIE = 0.1
 
 
 class CheckFailed(AssertionError):
@@ -304,13 +311,13 @@ def check_nf4(full_checkpoint: Path, int4_checkpoint: Path, device: str) -> dict
     """nf4 on ``device``, from the pre-quantized checkpoint and quantized on load from the full one: both near
     the float32 CPU model (text and image prompts), near each other, 4-bit weights on the device, and the
     pre-quantized model generates through the engine with an image."""
-    import bitsandbytes as bnb
-
     from minicpmv.engine.engine import Engine, EngineConfig
     from minicpmv.image_processing import ImageProcessor
     from minicpmv.loading import load_model
+    from minicpmv.offline import import_bitsandbytes
     from minicpmv.tokenizer import load_tokenizer
 
+    bnb = import_bitsandbytes()
     tokenizer = load_tokenizer(full_checkpoint)
     processor = ImageProcessor.from_pretrained(full_checkpoint)
     reference = load_model(full_checkpoint, device="cpu", dtype="float32")
@@ -482,3 +489,66 @@ def check_json_and_seeds(checkpoint: Path, device: str) -> dict[str, Any]:
     require(first == again, f"seed 7 gave {first} alone and {again} in a batch")
     require(first != other, "seeds 7 and 8 gave the same sampled ids")
     return {"json": value, "seeded_ids": first}
+
+
+def _compare_step(static: torch.Tensor, eager: torch.Tensor) -> dict[str, Any]:
+    """One decode step's logits [n, V] from the static (graph) forward and the eager one."""
+    static, eager = static.float().cpu(), eager.float().cpu()
+    rel = ((static - eager).norm(dim=-1) / eager.norm(dim=-1)).max().item()
+    ours, theirs = static.argmax(-1), eager.argmax(-1)
+    rows = torch.nonzero(ours != theirs).flatten().tolist()
+    gaps = [float(eager[r, theirs[r]] - eager[r, ours[r]]) for r in rows]
+    return {"rows": static.shape[0], "rel_l2": rel, "different_ids": len(rows), "worst_gap": max(gaps, default=0.0)}
+
+
+def check_graphs_against_eager(engine, steps: int = 6, words: tuple[int, ...] = (20, 400, 2600)) -> dict[str, Any]:
+    """Decode steps through the CUDA graphs (their static-shape forward: replayed on CUDA, run uncaptured on the
+    CPU) give the eager forward's logits, on the engine as it is (full size on a GPU: GQA 28:4, head dim 128).
+
+    One request per entry of ``words`` (a prompt of that many words: the longest, ~2,600 tokens, decodes in a
+    context bucket past 2,048) decodes ``steps`` tokens greedily, all together. Every step that took the static
+    path is run again eagerly on the same inputs (it writes the same K/V again), and the logits are compared:
+    relative L2 within GRAPH_REL_TOL for every row, and the same greedy id unless the eager top two are within
+    GRAPH_TIE. Restores the engine as it was."""
+    runner = engine.runner
+    graphs = runner.decode_graphs
+    require(graphs is not None, "the engine has no decode graphs (cuda_graphs off, or static decode off the GPU)")
+    original = runner.execute
+    compared: list[dict[str, Any]] = []
+    replays = graphs.num_replays
+
+    def execute(batch, *args, **kwargs):
+        before = graphs.num_steps
+        out = original(batch, *args, **kwargs)
+        if graphs.num_steps == before:  # a prefill, an image or a context past the graphs: eager anyway
+            return out
+        static = out.clone()
+        runner.decode_graphs = None
+        try:
+            eager = original(batch, *args, **kwargs)
+        finally:
+            runner.decode_graphs = graphs
+        compared.append(_compare_step(static, eager))
+        return out
+
+    runner.execute = execute
+    try:
+        prompts = [f"Request {k}: repeat " + "the quick brown fox " * (n // 4) for k, n in enumerate(words)]
+        handles = [engine.submit(chat_request(prompt, temperature=0, max_tokens=steps, ignore_eos=True))
+                   for prompt in prompts]  # fmt: skip
+        results = [handle.result() for handle in handles]
+    finally:
+        del runner.execute  # the class's method again
+    prompt_tokens = [result.prompt_tokens for result in results]
+    require(len(compared) >= steps - 2, f"only {len(compared)} decode steps took the graphs' path (prompts "
+                                        f"{prompt_tokens} tokens, {steps} steps each)")  # fmt: skip
+    worst = max(step["rel_l2"] for step in compared)
+    require(worst <= GRAPH_REL_TOL, f"graph logits off the eager ones by {worst:.4f} (relative L2): {compared}")
+    untied = [step for step in compared if step["worst_gap"] > GRAPH_TIE]
+    if untied:
+        raise CheckFailed(f"graphs and eager chose different ids where the eager top two are "
+                          f"{untied[0]['worst_gap']:.3f} apart (over {GRAPH_TIE}): {untied}")  # fmt: skip
+    return {"steps_compared": len(compared), "rows": sum(step["rows"] for step in compared),
+            "replayed": graphs.num_replays - replays, "prompt_tokens": prompt_tokens, "max_rel_l2": round(worst, 5),
+            "steps_with_other_ids": sum(1 for step in compared if step["different_ids"]), "tolerance": GRAPH_REL_TOL,
+            "tie": GRAPH_TIE, "max_context_tokens": graphs.max_context}  # fmt: skip

@@ -9,6 +9,7 @@ which makes the bound slightly optimistic).
 
 from __future__ import annotations
 
+import re
 import resource
 import tempfile
 import threading
@@ -19,6 +20,10 @@ from typing import Any
 import torch
 
 from minicpmv.devtools.device_checks import chat_request, document_page
+from minicpmv.engine.config import EngineConfig
+
+MODEL_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
+_PARAMETER = re.compile(r'^parameters:\s*\{\s*key:\s*"([^"]*)"\s*value:\s*\{\s*string_value:\s*"([^"]*)"\s*\}\s*\}\s*$')
 
 # Peak HBM bandwidth by the vendors' datasheets (bytes/s), matched against torch.cuda.get_device_name().
 HBM_BYTES_PER_S = {"H200": 4.8e12, "H100 NVL": 3.9e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100": 2.0e12,
@@ -87,15 +92,29 @@ def peak_memory_bytes(device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
 
 
+def triton_engine_config(model: str, repository: Path = MODEL_REPOSITORY) -> EngineConfig:
+    """The EngineConfig tritonserver gives ``model`` on a GPU: its config.pbtxt's ``parameters``, read the way the
+    Python backend reads them (minicpmv_triton.parameters), without environment overrides. The full-size stages
+    of the GPU check run with it, so they capture the CUDA graphs (batch and context buckets) that serving does."""
+    from minicpmv_triton.parameters import ModelParameters
+
+    text = (repository / model / "config.pbtxt").read_text()
+    found = (_PARAMETER.match(line.strip()) for line in text.splitlines())
+    parameters = {m.group(1): {"string_value": m.group(2)} for m in found if m}
+    args = {"model_name": model, "model_instance_kind": "GPU", "model_instance_device_id": "0"}
+    return ModelParameters.from_model_config({"name": model, "parameters": parameters}, args, environ={}).engine
+
+
 def random_engine(config: dict[str, Any], device: str, *, nf4: bool, max_num_seqs: int = 64, seed: int = 0,
-                  cuda_graph_max_len: int = 2048):  # fmt: skip
+                  cuda_graph_max_len: int = 2048, engine_config: EngineConfig | None = None):  # fmt: skip
     """An Engine over a random-weight model of ``config`` built directly on ``device`` (no checkpoint on disk),
-    bf16, or nf4 quantized while building; with the tiny tokenizer (its ids have non-zero embeddings)."""
+    bf16, or nf4 quantized while building; with the tiny tokenizer (its ids have non-zero embeddings).
+    ``engine_config`` (e.g. :func:`triton_engine_config`) replaces the one made of the other arguments."""
     from minicpmv.config import MiniCPMVConfig
     from minicpmv.devtools.random_weights import random_tensors
     from minicpmv.devtools.reference_config import PREPROCESSOR_CONFIG
     from minicpmv.devtools.tiny_tokenizer import write_tiny_tokenizer
-    from minicpmv.engine.engine import Engine, EngineConfig
+    from minicpmv.engine.engine import Engine
     from minicpmv.image_processing import ImageProcessor, PreprocessorConfig
     from minicpmv.loading import build_model
     from minicpmv.tokenizer import load_tokenizer
@@ -108,8 +127,9 @@ def random_engine(config: dict[str, Any], device: str, *, nf4: bool, max_num_seq
     model = build_model(MiniCPMVConfig.from_dict(config), tensors, device=device, dtype="bfloat16",
                         quantization="nf4" if nf4 else None)  # fmt: skip
     processor = ImageProcessor(PreprocessorConfig.from_dict(PREPROCESSOR_CONFIG))
-    engine_config = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=2048,
-                                 cuda_graph_max_len=cuda_graph_max_len)  # fmt: skip
+    if engine_config is None:
+        engine_config = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=2048,
+                                     cuda_graph_max_len=cuda_graph_max_len)  # fmt: skip
     return Engine(model, tokenizer, processor, engine_config)
 
 

@@ -70,3 +70,16 @@ def test_engine_on_cuda_alone_in_a_batch_and_against_the_cpu(tiny_full):
 def test_json_mode_and_seeds_on_cuda(tiny_full):
     result = checks.check_json_and_seeds(tiny_full, "cuda")
     assert set(result["json"]) == {"answer", "page"}
+
+
+@needs_cuda
+def test_cuda_graph_decode_steps_match_eager_ones_on_cuda(tiny_full):
+    from minicpmv.engine.engine import Engine, EngineConfig
+
+    engine = Engine.from_pretrained(tiny_full, device="cuda", dtype="bfloat16",
+                                    config=EngineConfig(max_num_seqs=8, kv_cache_memory_mb=checks.CHECK_KV_MB))  # fmt: skip
+    try:
+        result = checks.check_graphs_against_eager(engine, words=(20, 400, 2600))
+    finally:
+        engine.shutdown()
+    assert result["replayed"] >= result["steps_compared"] >= 4 and result["max_rel_l2"] <= checks.GRAPH_REL_TOL

@@ -46,6 +46,10 @@ def test_smoke_run_passes_every_stage(smoke):
     summary = json.loads((out / "gpu_check.json").read_text())
     assert {name: stage["status"] for name, stage in summary["stages"].items()} == dict.fromkeys(
         ("env", "correctness", "full_bf16", "full_nf4", "triton"), "ok")
+    preflight = summary["preflight"]  # ran first, every check of it
+    assert preflight["passed"] and set(preflight["checks"]) == {"device", "imports", "tokenizer", "grammar",
+                                                                 "bitsandbytes"}  # fmt: skip
+    assert preflight["checks"]["device"]["skipped"]  # no CUDA checks with --device cpu
     correctness = summary["stages"]["correctness"]["results"]
     assert set(correctness) == CHECKS and all(result["passed"] for result in correctness.values())
     assert correctness["golden_float32"]["max_abs_logit_diff"] <= 2e-4
@@ -58,15 +62,20 @@ def test_smoke_run_writes_at_most_eight_files_and_a_report(smoke):
     assert len(files) <= 8, files  # no more come back from the GPU machine
     assert {"gpu_check.json", "gpu_check.md"} <= set(files)
     report = (out / "gpu_check.md").read_text()
-    for heading in ("| correctness | ok |", "## full_bf16", "## full_nf4", "## triton", "Attention kernels:"):
+    for heading in ("| correctness | ok |", "## full_bf16", "## full_nf4", "## triton", "Attention kernels:",
+                    "Pre-flight: passed", "engine_config: from model_repository/minicpm_v_2_6/config.pbtxt"):
         assert heading in report
 
 
 def test_full_stages_measure_decode_levels_and_a_page(smoke):
     _, out = smoke
     summary = json.loads((out / "gpu_check.json").read_text())
-    for name in ("full_bf16", "full_nf4"):
+    for name, model in (("full_bf16", "minicpm_v_2_6"), ("full_nf4", "minicpm_v_2_6_int4")):
         results = summary["stages"][name]["results"]
+        config = results["engine_config"]  # tritonserver's, from the model's config.pbtxt: the same CUDA graphs
+        assert config["from"] == f"model_repository/{model}/config.pbtxt"
+        assert (config["max_num_seqs"], config["cuda_graph_max_len"], config["max_num_batched_tokens"]) == (64, 8192, 2048)
+        assert results["cuda_graphs_vs_eager"].startswith("skipped")  # no CUDA graphs on the CPU
         assert results["weights_gib"] > 0 and results["decode_bytes_per_step_gib"] < results["weights_gib"]
         for level in (1, 4):
             row = results[f"decode_c{level}"]
@@ -91,7 +100,7 @@ def test_triton_stage_answers_through_the_frontend(smoke):
 
 def test_a_stage_past_its_cap_is_reported_as_cut_with_the_rest_of_the_run(tmp_path, workdir):
     proc = run_check("--device", "cpu", "--tiny", "--out", str(tmp_path), "--workdir", str(workdir),
-                     "--stages", "env,correctness", "--cap", "correctness=1")  # fmt: skip
+                     "--stages", "env,correctness", "--cap", "correctness=1", "--skip-preflight")  # fmt: skip
     assert proc.returncode == 1
     summary = json.loads((tmp_path / "gpu_check.json").read_text())
     assert summary["stages"]["env"]["status"] == "ok"
