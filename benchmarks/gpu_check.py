@@ -206,6 +206,8 @@ def stage_full(rec: Recorder, args: argparse.Namespace, nf4: bool) -> None:
         pool = engine.runner.pool
         rec["kv_pool"] = {"gib": round(pool.nbytes / GIB, 2), "tokens": pool.num_slots,
                           "attention": engine.runner.attention.name,
+                          "attention_selection": engine.runner.attention.selection,
+                          "attention_kv_heads": getattr(engine.runner.attention, "kv_heads", None),
                           "attention_step_ms": engine.runner.attention.timings_ms}  # fmt: skip
         graphs = engine.runner.decode_graphs
         rec["cuda_graphs"] = None if graphs is None else {
@@ -217,6 +219,13 @@ def stage_full(rec: Recorder, args: argparse.Namespace, nf4: bool) -> None:
         else:
             rec["cuda_graphs_vs_eager"] = f"skipped: no CUDA graphs on {args.device}"
         rec.step("warmup", lambda: speed.measure_decode(engine, 2, 4))
+        if device.type == "cuda":  # host waits per step, with the graphs and eagerly (the sampler's: 1 per step)
+            rec.step("host_syncs_graphs", lambda: speed.count_host_syncs(engine))
+            engine.runner.decode_graphs = None
+            try:
+                rec.step("host_syncs_eager", lambda: speed.count_host_syncs(engine))
+            finally:
+                engine.runner.decode_graphs = graphs
         speed.reset_peak_memory(device)
         for level in args.concurrency:
             rec.step(f"decode_c{level}", lambda level=level: speed.measure_decode(engine, level, args.output_tokens,

@@ -249,3 +249,26 @@ def measure_request(engine, text: str, images=(), output_tokens: int = 4) -> dic
         "ttft_s": round(stamps[0] - start, 2),
         "s_per_token": round(per_token, 3) if per_token else None,
     }
+
+
+def count_host_syncs(engine, concurrency: int = 4, output_tokens: int = 8) -> dict[str, Any]:
+    """Host waits for the GPU while the engine decodes: ``concurrency`` requests of ``output_tokens`` under
+    ``torch.cuda.set_sync_debug_mode("warn")``, each synchronizing call recorded (from any thread) and counted
+    per engine step. The sampler's one device-to-host transfer of the sampled ids is one per step by design;
+    more than that is the model runner waiting where it should not. CUDA only."""
+    import warnings
+
+    if engine.runner.device.type != "cuda":
+        raise RuntimeError("host syncs are counted on CUDA only")
+    steps_before = engine.num_steps
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            measure_decode(engine, concurrency, output_tokens)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+    steps = max(engine.num_steps - steps_before, 1)
+    return {"steps": steps, "syncs": len(syncs), "syncs_per_step": round(len(syncs) / steps, 2),
+            "first": syncs[0][:300] if syncs else None}

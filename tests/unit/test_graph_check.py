@@ -51,3 +51,35 @@ def test_an_engine_without_graphs_is_refused(tiny_full):
             check_graphs_against_eager(engine)
     finally:
         engine.shutdown()
+
+
+def test_host_syncs_are_counted_from_the_engine_thread(monkeypatch):
+    """speed.count_host_syncs (the GPU check's host-wait count) records torch's sync-debug warnings raised on
+    another thread, as the engine's are, per step; here torch's switch and the decode run are stand-ins."""
+    import threading
+    import warnings
+    from types import SimpleNamespace
+
+    import torch
+
+    from minicpmv.devtools import speed
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    engine = SimpleNamespace(runner=SimpleNamespace(device=torch.device("cuda")), num_steps=10)
+
+    def decode(eng, concurrency, tokens):
+        def step():
+            for _ in range(4):
+                warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
+                eng.num_steps += 1
+            warnings.warn("something else", UserWarning, stacklevel=1)
+
+        thread = threading.Thread(target=step)
+        thread.start()
+        thread.join()
+
+    monkeypatch.setattr(speed, "measure_decode", decode)
+    result = speed.count_host_syncs(engine)
+    assert result["steps"] == 4 and result["syncs"] == 4 and result["syncs_per_step"] == 1.0
+    assert modes == ["warn", "default"]
