@@ -11,6 +11,7 @@ site-packages through the ``python3`` on PATH).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.metadata
 import logging
 import os
@@ -26,6 +27,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -35,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 _POLL_INTERVAL_S = 0.2
 _LOG_TAIL_LINES = 50
+_PR_SET_PDEATHSIG = 1
 
 
 class TritonNotFoundError(RuntimeError):
@@ -154,6 +157,36 @@ def _links_to(link: Path, src: Path) -> bool:
     return link.is_symlink() and link.resolve() == src.resolve()
 
 
+def parent_death_signal(sig: int = signal.SIGKILL) -> Callable[[], None] | None:
+    """A ``preexec_fn`` for :class:`subprocess.Popen`: the child gets ``sig`` when its parent dies, however it
+    dies (SIGKILL included). None where that is not available (not Linux).
+
+    Linux ``prctl(PR_SET_PDEATHSIG)``: it survives ``exec`` but not ``fork`` (the child's own children need
+    their own), and "parent" is the thread that started the child: start long-lived children from a thread
+    that lives as long as they should (the main thread). If the parent is already gone when the child gets
+    there, the child sends itself ``sig`` at once.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: no dlopen between fork and exec
+    parent = os.getpid()
+    return lambda: _set_parent_death_signal(prctl, sig, parent)
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """This process gets ``sig`` when its parent dies (Linux; a no-op elsewhere): for a program started by
+    something that cannot pass a ``preexec_fn`` (a shell), before it ``exec``s the real command."""
+    if sys.platform.startswith("linux"):
+        _set_parent_death_signal(ctypes.CDLL(None, use_errno=True).prctl, sig, os.getppid())
+
+
+def _set_parent_death_signal(prctl: Callable[..., int], sig: int, parent: int) -> None:
+    if prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:  # the parent died before the signal was set
+        os.kill(os.getpid(), sig)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free on ``host`` a moment ago (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -168,7 +201,12 @@ class TritonServer:
     the repository is loaded. Ports left None are picked free. ``address`` is the bind address of all three
     endpoints (None: tritonserver's default, 0.0.0.0); clients here always use 127.0.0.1. The server runs in
     its own process group; its stdout and stderr go to :attr:`log_path` (and to this process's stderr when
-    ``echo`` is true).
+    ``echo`` is true). With ``die_with_parent`` the server and everything in its process group (the Python-backend
+    stubs) are killed with SIGKILL when this process dies, however it dies (SIGKILL included), or when this object
+    is dropped without :meth:`stop`: tests use it so that a killed test run leaves no server behind. The server
+    itself gets :func:`parent_death_signal`; the stubs, which outlive a killed server (they do not notice that it is
+    gone), are left to a small watchdog process that waits on a pipe from this process and kills the group when the
+    pipe reaches end-of-file without a word from :meth:`stop`.
     """
 
     def __init__(
@@ -187,6 +225,7 @@ class TritonServer:
         address: str | None = None,
         log_path: str | Path | None = None,
         echo: bool = False,
+        die_with_parent: bool = False,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
         self.models = list(models) if models is not None else None
@@ -200,10 +239,12 @@ class TritonServer:
         self.install = install
         self.address = address
         self.echo = echo
+        self.die_with_parent = die_with_parent
         self.log_path = Path(log_path) if log_path is not None else None
         self.process: subprocess.Popen[bytes] | None = None
         self._log_file: IO[bytes] | None = None
         self._echo_thread: threading.Thread | None = None
+        self._watchdog: subprocess.Popen[bytes] | None = None
 
     @property
     def http_url(self) -> str:
@@ -268,7 +309,10 @@ class TritonServer:
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
+            preexec_fn=parent_death_signal() if self.die_with_parent else None,
         )
+        if self.die_with_parent:
+            self._watchdog = _start_group_watchdog(self.process.pid)
         if self.echo:
             self._echo_thread = threading.Thread(target=self._pump_output, name="tritonserver-log", daemon=True)
             self._echo_thread.start()
@@ -329,6 +373,9 @@ class TritonServer:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
+        if self._watchdog is not None:
+            _dismiss_group_watchdog(self._watchdog)
+            self._watchdog = None
         return process.returncode
 
     def send_signal(self, sig: signal.Signals) -> None:
@@ -380,6 +427,36 @@ def _http_ok(url: str) -> bool:
             return 200 <= response.status < 300
     except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
         return False
+
+
+# Reads one byte from stdin: b"q" (TritonServer.stop) means the group is taken care of; end-of-file (the process
+# holding the pipe's other end died or dropped it) means SIGKILL the group. Ignores Ctrl-C (meant for its parent).
+_GROUP_WATCHDOG = """
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+if not sys.stdin.buffer.read(1):
+    try:
+        os.killpg(int(sys.argv[1]), signal.SIGKILL)
+    except OSError:
+        pass
+"""
+
+
+def _start_group_watchdog(pgid: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-I", "-S", "-c", _GROUP_WATCHDOG, str(pgid)], stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+
+
+def _dismiss_group_watchdog(watchdog: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(OSError):  # BrokenPipeError: it is gone already
+        assert watchdog.stdin is not None
+        watchdog.stdin.write(b"q")
+        watchdog.stdin.close()
+    try:
+        watchdog.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        watchdog.kill()
+        watchdog.wait()
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:

@@ -33,11 +33,16 @@ class FrontendProcess:
         self.env.update({f"MINICPMV_FRONTEND_{k.upper()}": str(v) for k, v in settings.items()})
         self.process: subprocess.Popen | None = None
 
+    def preexec(self):
+        """What the child runs before ``exec`` (subprocess.Popen's ``preexec_fn``): nothing here. The tests' subclass
+        has the frontend die with the test run."""
+        return None
+
     def start(self, ready: bool = False, timeout: float = 30.0) -> FrontendProcess:
         """Start; wait for /health (or /health/ready with ``ready``). Raises RuntimeError / TimeoutError."""
         self.log = tempfile.NamedTemporaryFile("w+", prefix="openai-frontend-", suffix=".log", delete=False)
-        self.process = subprocess.Popen([sys.executable, "-m", "openai_frontend"], env=self.env,
-                                        stdout=self.log, stderr=subprocess.STDOUT)  # fmt: skip
+        self.process = subprocess.Popen([sys.executable, "-m", "openai_frontend"], env=self.env, stdout=self.log,
+                                        stderr=subprocess.STDOUT, preexec_fn=self.preexec())  # fmt: skip
         path = "/health/ready" if ready else "/health"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -10,4 +10,6 @@ fi
 PY="$ROOT/.venv/bin/python"
 cd "$ROOT"
 "$PY" -m ruff check minicpmv minicpmv_triton openai_frontend docqa_eval scripts benchmarks examples tests
-exec "$PY" -m pytest "$@"
+# pytest through run_tests.py: the last line is the run's wall time and the peak memory of pytest and every process it
+# started; a whole-suite run whose peak passes MINICPMV_TEST_MAX_RSS_GB (default 8) fails.
+exec "$PY" scripts/run_tests.py "$@"

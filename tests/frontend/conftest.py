@@ -13,9 +13,14 @@ import pytest
 
 from minicpmv_triton.launcher import free_port
 from openai_frontend.launcher import FrontendProcess
+from tests.child_processes import dies_with_us
+from tests.conftest import _release
 
 
 class Frontend(FrontendProcess):
+    def preexec(self):
+        return dies_with_us()  # killed with the test run, even when pytest is killed with SIGKILL
+
     def client(self, **kwargs) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.base_url + "/v1", api_key=kwargs.pop("api_key", "unused"), max_retries=0,
                              timeout=kwargs.pop("timeout", 120.0), **kwargs)  # fmt: skip
@@ -89,7 +94,9 @@ class TCPProxy:
 @pytest.fixture(scope="session")
 def frontend(server):
     fe = Frontend(server.grpc_url, server.http_url).start(ready=True, timeout=60)
+    _release["frontend"] = fe.stop  # after the last test that uses it (tests/conftest.py)
     yield fe
+    _release.pop("frontend", None)
     fe.stop()
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from minicpmv_triton.launcher import free_port
+from tests.child_processes import dies_with_us
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,8 +51,9 @@ def demo(tmp_path_factory):
          "--triton-metrics-port", str(ports["metrics"])],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         # As in a terminal: SIGINT at its default even when this test run inherited it ignored (a run started
-        # in the background, e.g. `nohup ... &`); a shell cannot trap a signal ignored on entry.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+        # in the background, e.g. `nohup ... &`); a shell cannot trap a signal ignored on entry. And killed with the
+        # test run, even if pytest is killed (its watchdog then stops the servers; tests/child_processes.py).
+        preexec_fn=dies_with_us(then=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)))  # fmt: skip
     base = f"http://127.0.0.1:{ports['port']}"
     deadline = time.monotonic() + 400
     while True:

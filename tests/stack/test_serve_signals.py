@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.child_processes import dies_with_us, dying_with_parent
 from tests.unit.test_serve_script import ports
 
 pytestmark = pytest.mark.slow
@@ -39,15 +40,18 @@ class Serve:
         env = {**os.environ, "MINICPMV_SKIP_SETUP": "1", "MINICPMV_VENV": sys.prefix, "OMP_NUM_THREADS": "2",
                "MINICPMV_DEMO_DIR": str(demo_dir), "MINICPMV_SERVE_LOG_DIR": str(tmp / "logs")}  # fmt: skip
         command = [str(SCRIPT), "--demo", "--model", "int4", *self.args]
+        # Everything dies with the test run, even if pytest is killed (tests/child_processes.py): serve.sh, killed,
+        # takes its servers along (its watchdog).
         if background:  # as a script does it: `serve.sh &` in a non-interactive shell (SIGINT ignored in it)
-            self.outer = subprocess.Popen(["bash", "-c", '"$@" >"$LOG" 2>&1 & echo $!; wait $!', "bash", *command],
+            script = '"$@" >"$LOG" 2>&1 & echo $!; wait $!'  # $! is serve.sh's pid: the shim execs it
+            self.outer = subprocess.Popen(["bash", "-c", script, "bash", *dying_with_parent(command)],
                                           env={**env, "LOG": str(self.log)}, stdout=subprocess.PIPE, text=True,
-                                          start_new_session=True)  # fmt: skip
+                                          start_new_session=True, preexec_fn=dies_with_us())  # fmt: skip
             self.pid = int(self.outer.stdout.readline())
         else:
             with open(self.log, "w") as log:
                 self.outer = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                              start_new_session=True)  # fmt: skip
+                                              start_new_session=True, preexec_fn=dies_with_us())  # fmt: skip
             self.pid = self.outer.pid
         self.seen: list[psutil.Process] = []
 

@@ -23,6 +23,7 @@ from minicpmv_triton.launcher import (
     find_tritonserver,
     free_port,
 )
+from tests.child_processes import dies_with_us
 
 pytestmark = pytest.mark.slow
 
@@ -78,7 +79,8 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def echo_server(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     log_path = tmp_path_factory.mktemp("logs") / "tritonserver.log"
-    with TritonServer(repository, models=["echo"], exit_timeout=10, address="127.0.0.1", log_path=log_path) as server:
+    with TritonServer(repository, models=["echo"], exit_timeout=10, address="127.0.0.1", log_path=log_path,
+                      die_with_parent=True) as server:
         server.wait_ready(timeout=60)
         yield server
 
@@ -132,7 +134,8 @@ def test_metrics_port_serves(echo_server: TritonServer) -> None:
 
 def test_stop_ends_the_server_gracefully(repository: Path, tmp_path: Path) -> None:
     server = TritonServer(
-        repository, models=["echo"], exit_timeout=10, address="127.0.0.1", log_path=tmp_path / "server.log"
+        repository, models=["echo"], exit_timeout=10, address="127.0.0.1", log_path=tmp_path / "server.log",
+        die_with_parent=True,
     )
     server.start()
     server.wait_ready(timeout=60)
@@ -149,7 +152,8 @@ def test_stop_ends_the_server_gracefully(repository: Path, tmp_path: Path) -> No
 
 def test_missing_model_raises_with_log_tail(repository: Path, tmp_path: Path) -> None:
     server = TritonServer(
-        repository, models=["no_such_model"], exit_timeout=5, address="127.0.0.1", log_path=tmp_path / "server.log"
+        repository, models=["no_such_model"], exit_timeout=5, address="127.0.0.1", log_path=tmp_path / "server.log",
+        die_with_parent=True,
     )
     try:
         server.start()
@@ -171,7 +175,7 @@ def test_launch_script_serves_all_models_and_stops_on_sigint(repository: Path, t
             [sys.executable, str(script), "--model-repository", str(repository), "--address", "127.0.0.1",
              "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2],
              "--ready-timeout", "60", "--exit-timeout", "10", "--quiet", "--device", "cpu"],
-            stdout=out, stderr=err,
+            stdout=out, stderr=err, preexec_fn=dies_with_us(signal.SIGTERM),  # SIGTERM: it stops its server
         )  # fmt: skip
     try:
         deadline = time.monotonic() + 60

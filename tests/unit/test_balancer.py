@@ -118,7 +118,9 @@ def test_a_server_that_was_down_takes_requests_again_once_it_answers_its_probe()
             await collect(balancer)
         assert a.calls == 1  # down: skipped while b is up
         a.error, a.ready = None, True
+        deadline = asyncio.get_running_loop().time() + 10
         while not balancer.endpoints[0].up:
+            assert asyncio.get_running_loop().time() < deadline, "the probe never brought it back"
             await asyncio.sleep(0.01)
         for _ in range(4):
             await collect(balancer)

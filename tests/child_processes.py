@@ -1,0 +1,58 @@
+"""Servers the tests start die with the test run, even when pytest is killed with SIGKILL.
+
+The mechanism is ``minicpmv_triton.launcher.parent_death_signal`` (Linux ``PR_SET_PDEATHSIG``): the child gets a
+signal when the process that started it dies. ``TritonServer(..., die_with_parent=True)`` uses it for tritonserver,
+plus a watchdog for its Python-backend stubs (they outlive a killed server); for anything else a test starts:
+
+- ``subprocess.Popen(..., preexec_fn=dies_with_us())``: a child of this process;
+- ``[sys.executable, __file__, *command]`` (:func:`dying_with_parent`): a command started by another process this
+  test started (a background job of a shell), which then dies with that process; run as a script, this file sets the
+  signal and execs the command.
+
+"Parent" is the thread that started the child: start long-lived children from pytest's main thread (fixtures do).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+if __name__ == "__main__":  # run as a script: minicpmv_triton from this checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from minicpmv_triton.launcher import die_with_parent, parent_death_signal  # noqa: E402
+
+
+def dies_with_us(sig: int = signal.SIGKILL, then: Callable[[], None] | None = None) -> Callable[[], None] | None:
+    """A ``preexec_fn``: the child gets ``sig`` (SIGKILL by default) when this process dies; ``then`` runs after."""
+    preexec = parent_death_signal(sig)
+    if then is None or preexec is None:
+        return preexec or then
+
+    def both() -> None:
+        preexec()
+        then()
+
+    return both
+
+
+def dying_with_parent(command: list[str], sig: int = signal.SIGKILL) -> list[str]:
+    """``command`` as it runs when its parent (whatever starts it) should take it along when it dies."""
+    return [sys.executable, str(Path(__file__).resolve()), f"--signal={int(sig)}", *command]
+
+
+def _exec(argv: list[str]) -> None:
+    sig = signal.SIGKILL
+    if argv and argv[0].startswith("--signal="):
+        sig = int(argv.pop(0).split("=", 1)[1])
+    die_with_parent(sig)  # the parent is whatever started this script, and stays the command's after the exec
+    # Python ignores these two at start-up; an ignored signal stays ignored across exec, so give them back.
+    for restore in (signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(restore, signal.SIG_DFL)
+    os.execvp(argv[0], argv)
+
+
+if __name__ == "__main__":
+    _exec(sys.argv[1:])
