@@ -17,9 +17,12 @@ Per step, ``choose_all(seqs, logits [B, V])``:
 3. Greedy rows: argmax. Sampled rows, one group per top-k value (``candidates``): top-k (a full sort when
    top-k is off but top-p is on), temperature (on the candidates only: it keeps the order), top-p over the
    candidates, softmax, then an exponential race (``race``): argmax p_i / q_i with q_i ~ Exp(1) picks i with
-   probability p_i. A seeded row draws its q from its own generator, one call of a fixed size per step (its
-   top-k, or V), so its tokens do not depend on what else is in the batch; rows without a seed share the
-   processor's generator (one call per group).
+   probability p_i. A seeded row draws its q from its own generator, one call of V draws per step, and gives
+   each candidate the draw of its token id (not of its rank among the candidates): its tokens do not depend on
+   what else is in the batch, and logits a few ulps off (another batch's matmuls) change a token only where
+   two candidates' p_i / q_i nearly tie, where draws by rank reshuffled among thousands of near-equal
+   candidates (23 of 950 tokens against 0 of 950, replayed on the tiny checkpoint). Rows without a seed share
+   the processor's generator (one call per group, by rank).
 4. The one device -> host transfer of the step: the chosen ids and the logprob values asked for, in one
    float64 tensor, ``tolist()`` once. Then every grammar accepts its row's token.
 
@@ -393,21 +396,30 @@ class LogitsProcessor:
             temperature = self._select(floats["temperature"], members, ints, name)
             top_p = self._select(floats["top_p"], members, ints, name) if key in plan.top_p_groups else None
             probs, ids = candidates(self._select(rows, members, ints, name), temperature, key, top_p)
-            column = race(probs, self._exponentials(probs.shape, [plan.generators[row] for row in members]))
+            draws = self._exponentials(probs.shape, [plan.generators[row] for row in members], ids, rows.shape[1])
+            column = race(probs, draws)
             chosen = column if ids is None else ids.gather(1, column[:, None]).squeeze(1)
             if len(members) == batch:
                 return chosen
             tokens.index_copy_(0, ints[name], chosen)
         return tokens
 
-    def _exponentials(self, shape: torch.Size, generators: list[torch.Generator | None]) -> torch.Tensor:
-        """Exp(1) draws [n, C]: row i from ``generators[i]`` (one call of C draws), else from the shared one."""
+    def _exponentials(self, shape: torch.Size, generators: list[torch.Generator | None], ids: torch.Tensor | None,
+                      vocab: int) -> torch.Tensor:  # fmt: skip
+        """Exp(1) draws [n, C] for candidates ``ids`` [n, C] (None: every id in order, C = V). Row i with a
+        generator of its own: one call of ``vocab`` draws, the draw of each candidate's token id; the others from
+        the shared generator, by rank."""
         q = torch.empty(shape, device=self.device)
         if any(generator is None for generator in generators):
             q.exponential_(generator=self.generator)
         for i, generator in enumerate(generators):
-            if generator is not None:
+            if generator is None:
+                continue
+            if ids is None:
                 q[i].exponential_(generator=generator)
+            else:
+                by_id = torch.empty(vocab, device=self.device).exponential_(generator=generator)
+                q[i] = by_id.index_select(0, ids[i])
         return q.clamp_min_(_TINY)
 
 
