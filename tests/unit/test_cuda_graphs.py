@@ -114,13 +114,14 @@ def test_static_decode_gives_the_eager_ids_logprobs_and_kv_and_pads_into_the_scr
             assert ids_s == ids_e
             torch.testing.assert_close(torch.tensor(lp_s), torch.tensor(lp_e), rtol=0, atol=1e-4)
         # Every sequence block holds the same K/V (nothing written where a sequence reads), and padding rows
-        # wrote into the scratch block.
+        # wrote into the scratch block. Static (padded batch) vs eager K/V differ by at most 6.8e-6 (AMD EPYC,
+        # native and AVX2 kernels; 0 with MKL_CBWR=COMPATIBLE); a K/V written to a neighbour's slot is off by >= 1.
         slots = eager.runner.pool.num_slots
         for layer in (0, len(eager.runner.pool.keys) - 1):
             torch.testing.assert_close(static.runner.pool.keys[layer][:slots], eager.runner.pool.keys[layer],
-                                       rtol=1e-5, atol=1e-5)  # fmt: skip
+                                       rtol=1e-5, atol=5e-5)  # fmt: skip
             torch.testing.assert_close(static.runner.pool.values[layer][:slots], eager.runner.pool.values[layer],
-                                       rtol=1e-5, atol=1e-5)  # fmt: skip
+                                       rtol=1e-5, atol=5e-5)  # fmt: skip
         assert not torch.equal(static.runner.pool.keys[0][scratch:], before)
     finally:
         eager.shutdown()
