@@ -38,9 +38,28 @@ def page(seed: int, size=(600, 400)) -> Image.Image:
 
 
 def ids(engine: Engine, req: GenerationRequest) -> list[int]:
+    return choice(engine, req).token_ids
+
+
+def choice(engine: Engine, req: GenerationRequest):
     result = engine.generate(req)
     assert all(c.error is None for c in result.choices), result
-    return result.choices[0].token_ids
+    return result.choices[0]
+
+
+# Two paths (batched or alone, chunked, cached, recomputed) differ by a few ulps in float32 (up to 5e-6 measured,
+# AMD EPYC and an AMX Xeon): a greedy id may differ only where the reference's top two logprobs are this close.
+TIE = 1e-4
+
+
+def agree(ours, reference) -> bool:
+    """Two greedy choices (``logprobs`` with ``top_logprobs`` >= 2 on the reference) are the same, or first
+    differ at a near-tie of the reference's (after which they may go their own ways)."""
+    for step, (a, b) in enumerate(zip(ours.token_ids, reference.token_ids, strict=False)):
+        if a != b:
+            scores = {token: logprob for token, _, logprob in reference.logprobs[step].top}
+            return a in scores and abs(scores[a] - scores[b]) <= TIE
+    return len(ours.token_ids) == len(reference.token_ids)
 
 
 @pytest.fixture(scope="module")
@@ -159,18 +178,19 @@ def _first_image_position(engine: Engine, req: GenerationRequest) -> int:
 
 
 def test_greedy_ids_are_the_same_alone_batched_preempted_and_cached(tiny_full):
-    probe = lambda: request("Who signed the form?", [page(20)], max_tokens=150)  # noqa: E731
+    probe = lambda: request("Who signed the form?", [page(20)], max_tokens=150, logprobs=True,  # noqa: E731
+                            top_logprobs=2)
     roomy = Engine.from_pretrained(tiny_full, dtype="float32", config=EngineConfig(enable_prefix_caching=False))
     try:
-        alone = ids(roomy, probe())
+        alone = choice(roomy, probe())
         others = [roomy.submit(request(f"Other question {k}?", [page(30 + k)] if k % 2 else [], max_tokens=30))
                   for k in range(4)]  # fmt: skip
-        batched = ids(roomy, probe())
+        batched = choice(roomy, probe())
         for handle in others:
             handle.result()
     finally:
         roomy.shutdown()
-    assert batched == alone
+    assert agree(batched, alone)
 
     # A pool too small for all of them at once (3 x 13 blocks + the probe's 25 > 48): as they grow, the
     # newest (the probe) is preempted and recomputed.
@@ -184,10 +204,10 @@ def test_greedy_ids_are_the_same_alone_batched_preempted_and_cached(tiny_full):
         preemptions = [h._state.sequences[0].num_preemptions for h in handles]
         assert preemptions[:3] == [0, 0, 0] and preemptions[3] > 0, preemptions
         assert tight.scheduler.num_preemptions == preemptions[3]
-        assert results[-1].choices[0].token_ids == alone
+        assert agree(results[-1].choices[0], alone)
         assert all(r.choices[0].finish_reason == "length" and r.completion_tokens == 150 for r in results[:3])
-        cached = ids(tight, probe())  # the page's blocks are in the prefix cache now
-        assert cached == alone and tight.block_manager.prefix_hits > 0
+        cached = choice(tight, probe())  # the page's blocks are in the prefix cache now
+        assert agree(cached, alone) and tight.block_manager.prefix_hits > 0
     finally:
         tight.shutdown()
 
@@ -261,8 +281,8 @@ def test_64_long_requests_through_a_pool_that_holds_8(tiny_full):
     prompts = [f"Request {k}: write the shipping note for order {k * 7919}." for k in range(64)]
     roomy = Engine.from_pretrained(tiny_full, dtype="float32", config=EngineConfig(max_num_seqs=64))
     try:
-        handles = [roomy.submit(request(p, max_tokens=48)) for p in prompts]
-        expected = [h.result().choices[0].token_ids for h in handles]
+        handles = [roomy.submit(request(p, max_tokens=48, logprobs=True, top_logprobs=2)) for p in prompts]
+        expected = [h.result().choices[0] for h in handles]
         need = -(-(max(len(roomy.prepare(request(p)).prompt_ids) for p in prompts) + 48) // 16)
     finally:
         roomy.shutdown()
@@ -274,7 +294,7 @@ def test_64_long_requests_through_a_pool_that_holds_8(tiny_full):
     finally:
         tight.shutdown()
     assert all(r.choices[0].error is None and r.choices[0].finish_reason == "length" for r in results)
-    assert [r.choices[0].token_ids for r in results] == expected
+    assert all(agree(r.choices[0], reference) for r, reference in zip(results, expected, strict=True))
     assert tight.scheduler.num_preemptions > 0
 
 
@@ -301,10 +321,12 @@ def test_deltas_are_made_on_the_output_thread_and_a_slow_consumer_does_not_stop_
 
 
 def test_a_stop_string_ends_the_sequence_even_though_text_is_made_off_the_engine_thread(engine):
-    text = engine.generate(request("Count.", max_tokens=60)).choices[0].text
+    # Seeded (greedy all the same): computed the same way twice, not the second time from the prefix cache,
+    # whose few-ulp difference could flip one of this random model's near-tied greedy choices.
+    text = engine.generate(request("Count.", max_tokens=60, seed=0)).choices[0].text
     stop = text[len(text) // 2 : len(text) // 2 + 3]
     assert stop.strip(), text  # the random model writes something to cut at
-    result = engine.generate(request("Count.", max_tokens=60, stop=[stop]))
+    result = engine.generate(request("Count.", max_tokens=60, stop=[stop], seed=0))
     choice = result.choices[0]
     assert choice.finish_reason == "stop" and stop not in choice.text
     assert text.startswith(choice.text)
