@@ -119,10 +119,11 @@ def test_json_mode_output_parses(client):
     data = json.loads(r.choices[0].message.content)
     assert set(data) == {"total", "paid"} and data["total"] in ("12.50", "99.00") and isinstance(data["paid"], bool)
     # json_object: random weights wander inside strings, so most answers do not end before max_tokens; every
-    # answer is still a prefix of a JSON object (checked with a grammar matcher), and those that end parse. The
-    # choices are sampled with seeds 2..5: some of them end at once (the tiny model's "{}"), so the check of
-    # the answers that end has answers to check.
-    r = ask(client, "Answer in JSON.", max_tokens=64, temperature=0.8, seed=2, n=4,
+    # answer is still a prefix of a JSON object (checked with a grammar matcher), and those that end parse. At
+    # temperature 1.5 about one choice in six closes its object at once (the tiny model's "{}"): seeds 2..9
+    # give two such answers (seeded draws follow token ids, so other CPUs' few-ulp differences keep them), and
+    # the check of the answers that end has answers to check.
+    r = ask(client, "Answer in JSON.", max_tokens=64, temperature=1.5, seed=2, n=8,
             response_format={"type": "json_object"})  # fmt: skip
     compiler = xgrammar.GrammarCompiler(xgrammar.TokenizerInfo(["a"]))
     any_object = compiler.compile_json_schema('{"type": "object"}', strict_mode=False)
