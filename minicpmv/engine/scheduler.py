@@ -51,8 +51,9 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_prefill_attention_pairs = max_prefill_attention_pairs
-        # A seeded sequence's prefill chunk: what is left of the token budget when every other sequence decodes.
-        self.seeded_chunk_tokens = max(1, max_num_batched_tokens - max_num_seqs)
+        # A seeded sequence's prefill chunk: what is left of the token budget when every other sequence decodes
+        # (at least half the budget, so that a budget no larger than max_num_seqs does not prefill token by token).
+        self.seeded_chunk_tokens = max(max_num_batched_tokens - max_num_seqs, max_num_batched_tokens // 2, 1)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the newest is preempted first
         self.num_preemptions = 0

@@ -198,3 +198,12 @@ def test_a_seeded_chunk_waits_rather_than_overrun_the_attention_budget():
     assert not seeded.is_prefilling
     seeded_chunks = [(start, n) for step in steps for is_seeded, start, n in step if is_seeded]
     assert all(n == scheduler.seeded_chunk(start, 10) for start, n in seeded_chunks), seeded_chunks
+
+
+def test_a_seeded_chunk_is_at_least_half_the_token_budget():
+    from minicpmv.engine.block_manager import BlockManager
+    from minicpmv.engine.scheduler import Scheduler
+
+    assert Scheduler(BlockManager(8, 4), max_num_seqs=16, max_num_batched_tokens=512).seeded_chunk_tokens == 496
+    assert Scheduler(BlockManager(8, 4), max_num_seqs=64, max_num_batched_tokens=64).seeded_chunk_tokens == 32
+    assert Scheduler(BlockManager(8, 4), max_num_seqs=4, max_num_batched_tokens=1).seeded_chunk_tokens == 1
