@@ -13,7 +13,8 @@ Its exit status is pytest's. When pytest passed and ran the whole suite (not a s
 (MINICPMV_TEST_MAX_RSS_GB, default 8) fails the run with status 1. Processes still running after pytest
 exited (orphans: servers a test started and did not stop) are listed and killed; after a whole-suite run that
 passed, they fail it too. If this process is killed, pytest gets SIGKILL (PR_SET_PDEATHSIG) and its servers follow
-it the same way. Linux only. Standard library only.
+it the same way (``minicpmv_triton.launcher.parent_death_signal``). Linux only. Besides that, the standard library
+only.
 
 Usage: run_tests.py [pytest arguments...]
 """
@@ -31,9 +32,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from minicpmv_triton.launcher import parent_death_signal
+
 INTERVAL_S = float(os.environ.get("MINICPMV_TEST_RSS_INTERVAL_S", "0.5"))
 DEFAULT_MAX_RSS_GB = 8.0
-PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -136,15 +138,8 @@ def main(argv: list[str]) -> int:
     fd, scope_file = tempfile.mkstemp(prefix="minicpmv-suite-scope-", suffix=".json")
     os.close(fd)
     env = {**os.environ, "MINICPMV_SUITE_SCOPE_FILE": scope_file}
-    parent = os.getpid()
-
-    def die_with_this_process() -> None:
-        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:  # this process died before the prctl took effect
-            os.kill(os.getpid(), signal.SIGKILL)
-
     started = time.monotonic()
-    pytest = subprocess.Popen([sys.executable, "-m", "pytest", *argv], env=env, preexec_fn=die_with_this_process)
+    pytest = subprocess.Popen([sys.executable, "-m", "pytest", *argv], env=env, preexec_fn=parent_death_signal())
 
     # Ctrl-C reaches pytest through the terminal's process group; SIGTERM/SIGHUP sent to this process alone are
     # passed on, and this process keeps sampling until pytest is done.

@@ -200,13 +200,18 @@ def test_a_sequence_whose_images_are_not_ready_is_admitted_but_not_prefilled():
 # ---------------------------------------------------------------- the prefill attention budget
 
 
-def test_prefill_chunks_stay_within_the_attention_budget_while_a_sequence_decodes():
-    sim = Sim(num_blocks=64, block_size=4, max_tokens=64, pairs=1000)
-    decoder = make_seq(3, max_tokens=200)
-    sim.add(decoder)
+def decoding_then_long(pairs: int, prompt_len: int) -> tuple[Sim, Sequence]:
+    """A Sim under an attention budget of ``pairs`` with one sequence decoding, then a long prompt queued."""
+    sim = Sim(num_blocks=64, block_size=4, max_tokens=64, pairs=pairs)
+    sim.add(make_seq(3, max_tokens=200))
     sim.step()
-    long = make_seq(120, max_tokens=1, first_token=500)
+    long = make_seq(prompt_len, max_tokens=1, first_token=500)
     sim.add(long)
+    return sim, long
+
+
+def test_prefill_chunks_stay_within_the_attention_budget_while_a_sequence_decodes():
+    sim, long = decoding_then_long(pairs=1000, prompt_len=120)
     lengths = []
     while long.is_prefilling:
         start = long.num_computed_tokens
@@ -226,12 +231,7 @@ def test_without_a_decoding_sequence_the_attention_budget_does_not_apply():
 
 
 def test_the_first_chunk_progresses_even_when_one_token_exceeds_the_attention_budget():
-    sim = Sim(num_blocks=64, block_size=4, max_tokens=64, pairs=10)
-    decoder = make_seq(3, max_tokens=200)
-    sim.add(decoder)
-    sim.step()
-    long = make_seq(30, max_tokens=1, first_token=500)
-    sim.add(long)
+    sim, long = decoding_then_long(pairs=10, prompt_len=30)
     computed = []
     while long.is_prefilling:
         computed.append(long.num_computed_tokens)
