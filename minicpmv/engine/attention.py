@@ -49,7 +49,7 @@ class AttentionMetadata:
     query_lens: list[int]
     context_lens: list[int]
     slot_mapping: torch.Tensor  # [T] pool slot of each new token
-    slots: torch.Tensor  # [B, W] pool slots of each sequence's blocks, in order (past its context: padding)
+    slots: torch.Tensor | None  # [B, W] pool slots of each sequence's blocks, in order (past its context: padding)
     positions: torch.Tensor | None = None  # [T] position of each new token in its sequence
     decode_rows: torch.Tensor | None = None  # token index of each single-token sequence
     decode_slots: torch.Tensor | None = None  # [Bd, Wd] their slots (Wd: their longest context, in blocks)
@@ -60,12 +60,27 @@ class AttentionMetadata:
     vision_rows: torch.Tensor | None = None  # [R] rows that take image embeddings (given to build)
     cu_seqlens: torch.Tensor | None = None  # [2, B + 1] int64: cumulative query and context lengths
     _varlen: tuple | None = None  # (packed context slots, cu_seq_q, cu_seq_k, max_q, max_k), built on demand
+    # Read by the paged kernels (triton_attention.py), built when ``build`` is given a ``tiling``:
+    block_size: int = 0
+    block_table: torch.Tensor | None = None  # [B, W] block ids (past a sequence's blocks: block 0, unread)
+    seq_lens: torch.Tensor | None = None  # [B] context lengths
+    decode_tiles: torch.Tensor | None = None  # [N, 2] (sequence, first new token): single-token sequences
+    prefill_tiles: torch.Tensor | None = None  # [N, 2] tiles of the chunks the kernel takes
+    fresh: tuple | None = None  # (rows [F], cu [G + 1], longest): prompts with nothing cached, left to varlen
+    max_decode_context: int = 0  # the longest context among single-token sequences (host)
+
+    @property
+    def cu_q(self) -> torch.Tensor:
+        """[B + 1] where each sequence's new tokens start in the packed step."""
+        return self.cu_seqlens[0]
 
     @classmethod
     def build(cls, query_lens: list[int], context_lens: list[int], block_tables: Sequence[Sequence[int]],
               block_size: int, device: torch.device, *, input_ids: Sequence[int] | None = None,
-              sample_rows: Sequence[int] | None = None,
-              vision_rows: np.ndarray | None = None) -> AttentionMetadata:  # fmt: skip
+              sample_rows: Sequence[int] | None = None, vision_rows: np.ndarray | None = None,
+              tiling: Tiling | None = None) -> AttentionMetadata:  # fmt: skip
+        """``tiling``: the paged kernels' tile shapes (``TritonAttention.tiling``): their tiles are built and
+        the gathers' slot tensors are not."""
         device = torch.device(device)
         q = np.asarray(query_lens, dtype=np.int64)
         ctx = np.asarray(context_lens, dtype=np.int64)
@@ -86,7 +101,11 @@ class AttentionMetadata:
             arrays |= {"decode_rows": starts[decode], "decode_index": decode, "decode_lengths": ctx[decode]}
         optional = {"input_ids": input_ids, "sample_rows": sample_rows, "vision_rows": vision_rows}
         arrays |= {name: np.asarray(value, dtype=np.int64) for name, value in optional.items() if value is not None}
+        if tiling is not None:
+            arrays |= tiling.arrays(q, ctx, starts)
         on_device = dict(zip(arrays, staging.upload(list(arrays.values()), device), strict=True))
+        if tiling is not None:
+            return cls._paged(query_lens, context_lens, block_size, on_device, q, ctx)
 
         offsets = torch.arange(block_size, device=device)
         slots = (on_device["table"][:, :, None] * block_size + offsets).view(batch, -1)
@@ -102,6 +121,20 @@ class AttentionMetadata:
             keys = torch.arange(width_decode, device=device)
             meta.decode_mask = (keys[None, :] < on_device["decode_lengths"][:, None])[:, None, None, :]
         meta.prefills = [(b, int(starts[b]), int(q[b]), int(ctx[b])) for b in np.flatnonzero(q != 1).tolist()]
+        return meta
+
+    @classmethod
+    def _paged(cls, query_lens, context_lens, block_size, on_device, q, ctx) -> AttentionMetadata:
+        """The metadata of the paged kernels: no slot tensors, no gather."""
+        decode = q == 1
+        meta = cls(list(query_lens), list(context_lens), on_device["slot_mapping"], None, on_device["positions"],
+                   input_ids=on_device.get("input_ids"), sample_rows=on_device.get("sample_rows"),
+                   vision_rows=on_device.get("vision_rows"), cu_seqlens=on_device["cu"], block_size=block_size,
+                   block_table=on_device["table"], seq_lens=on_device["seq_lens"],
+                   decode_tiles=on_device["decode_tiles"], prefill_tiles=on_device["prefill_tiles"],
+                   max_decode_context=int(ctx[decode].max()) if decode.any() else 0)  # fmt: skip
+        if "fresh_rows" in on_device:
+            meta.fresh = (on_device["fresh_rows"], on_device["fresh_cu"], int(q[(q == ctx) & ~decode].max()))
         return meta
 
     def context_slots(self, b: int) -> torch.Tensor:
@@ -122,6 +155,39 @@ class AttentionMetadata:
             cu_q, cu_k = self.cu_seqlens.to(torch.int32).unbind(0)
             self._varlen = (packed, cu_q, cu_k, max(self.query_lens), max(self.context_lens))
         return self._varlen
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How the paged kernels cut a step into tiles (``decode_q``/``prefill_q`` new tokens per tile) and whether
+    prompts with nothing cached go elsewhere (``fresh_elsewhere``: FlashAttention varlen over their own K/V)."""
+
+    decode_q: int
+    prefill_q: int
+    fresh_elsewhere: bool = False
+
+    def arrays(self, q: np.ndarray, ctx: np.ndarray, starts: np.ndarray) -> dict[str, np.ndarray]:
+        """Host arrays of a step with ``q`` new tokens and ``ctx`` context per sequence (``starts``: where each
+        sequence's tokens start): context lengths, the tiles, and the fresh prompts' rows."""
+        decode = q == 1
+        fresh = (q == ctx) & ~decode if self.fresh_elsewhere else np.zeros_like(decode)
+        chunked = ~decode & ~fresh
+        arrays = {"seq_lens": ctx, "decode_tiles": _tiles(np.flatnonzero(decode), q, 1),
+                  "prefill_tiles": _tiles(np.flatnonzero(chunked), q, self.prefill_q)}  # fmt: skip
+        if fresh.any():
+            lengths = q[fresh]
+            first = starts[fresh]
+            arrays["fresh_rows"] = np.repeat(first - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
+            arrays["fresh_cu"] = np.concatenate([[0], np.cumsum(lengths)])
+        return arrays
+
+
+def _tiles(seqs: np.ndarray, q: np.ndarray, per_tile: int) -> np.ndarray:
+    """[N, 2] (sequence, first new token) for the sequences ``seqs``, ``per_tile`` tokens a tile."""
+    counts = -(-q[seqs] // per_tile)
+    seq = np.repeat(seqs, counts)
+    first = (np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)) * per_tile
+    return np.stack([seq, first], axis=1).astype(np.int64).reshape(-1, 2)
 
 
 def gqa_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -254,6 +320,13 @@ class VarlenAttention:
     def __call__(self, q, k, v, keys, values, meta: AttentionMetadata) -> torch.Tensor:
         slots, cu_q, cu_k, max_q, max_k = meta.varlen_inputs()
         key, value = keys.index_select(0, slots), values.index_select(0, slots)
+        return self.packed(q, key, value, cu_q, cu_k, max_q, max_k)
+
+    def packed(self, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+               max_q: int, max_k: int) -> torch.Tensor:  # fmt: skip
+        """Causal varlen attention of packed ``q`` [T, Hq, D] over packed ``key``/``value`` [K, Hk, D]; ``cu_q``/
+        ``cu_k`` cumulative lengths (any integer dtype)."""
+        cu_q, cu_k = cu_q.to(torch.int32), cu_k.to(torch.int32)
         extra = dict(self._causal)
         if key.shape[1] != q.shape[1]:
             if self._gqa:
@@ -264,22 +337,42 @@ class VarlenAttention:
         return self._fn(q, key, value, cu_q, cu_k, max_q, max_k, **extra)
 
 
-def select_backend(name: str, device: torch.device, dtype: torch.dtype):
-    """The backend ``name`` asks for ("auto", "reference", "varlen"). "auto" on CUDA tries varlen: it must
-    import and agree with the reference on a self-test (mixed decode and prefill, cached prefix, GQA; K/V with
-    their own heads first, repeated if that fails); then the faster of the two on a step of MiniCPM-V's shape
-    is taken (measured here, at start-up: torch's kernels differ by version and GPU, so nothing is assumed).
-    The choice and why are logged (INFO; WARNING where varlen or a variant of it failed) and kept on the
-    backend (``selection``, ``timings_ms``). The self-test and the timing run on ``device`` (its GPU current)."""
-    if name not in ("auto", "reference", "varlen"):
-        raise ValueError(f"unknown attention backend {name!r}; choose auto, reference or varlen")
+BACKENDS = ("auto", "reference", "varlen", "triton")
+MODEL_SHAPE = (28, 4, 128)  # MiniCPM-V 2.6's LLM: query heads, KV heads, head dim
+
+
+def select_backend(name: str, device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int] = MODEL_SHAPE):
+    """The backend ``name`` asks for (``BACKENDS``) for a model of ``shape`` (query heads, KV heads, head dim).
+
+    "auto" on CUDA takes the Triton paged kernel (triton_attention.py) if it builds and agrees with the
+    reference on a self-test (mixed decode and prefill, cached prefix, GQA, a split long decode), prompts with
+    nothing cached going to it or to varlen, whichever is faster here; if it does not, varlen if it passes the
+    same self-test (K/V with their own heads first, repeated if that fails) and is faster than the reference on
+    a step of MiniCPM-V's shape; else the reference. Timings are measured here, at start-up: kernels differ by
+    version and GPU, so nothing is assumed. "triton" on the CPU runs the kernel under Triton's interpreter (for
+    tests: slow). The choice and why are logged (INFO; WARNING where a kernel or a variant failed) and kept on the
+    backend (``selection``, ``timings_ms``). Self-tests and timings run on ``device`` (its GPU current)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose {', '.join(BACKENDS)}")
     if name == "reference" or (name == "auto" and device.type != "cuda"):
         backend = ReferenceAttention()
         backend.selection = "asked for" if name == "reference" else f"auto on {device.type}: the reference"
         logger.info("attention: reference (%s)", backend.selection)
         return backend
     with staging.device_scope(device):
-        return _select_varlen_or_fastest(name, device, dtype)
+        if name == "varlen":
+            return _select_varlen_or_fastest(name, device, dtype)
+        from minicpmv.engine import triton_attention  # imports triton
+
+        backend, error = triton_attention.validated(device, dtype, shape)
+        if backend is not None:
+            return triton_attention.with_fresh_prompts(backend, name, device, dtype, shape)
+        if name == "triton":
+            raise RuntimeError(f"attention backend 'triton' is not usable here: {error}")
+        logger.warning("attention: the Triton paged kernel is not usable here (%s); trying varlen", error)
+        chosen = _select_varlen_or_fastest(name, device, dtype)
+        chosen.selection = f"the Triton paged kernel is not usable here ({error}); {chosen.selection}"
+        return chosen
 
 
 def _select_varlen_or_fastest(name: str, device: torch.device, dtype: torch.dtype):
@@ -339,13 +432,13 @@ def fastest(backends: list, time_ms) -> Any:
     return min(backends, key=lambda b: timings[b.name])
 
 
-def _time_step(backend, device: torch.device, dtype: torch.dtype, repeats: int = 5) -> float:
-    """Milliseconds of one layer's attention for a typical serving step: 32 decoding sequences with 1,024
+def _time_step(backend, device: torch.device, dtype: torch.dtype, repeats: int = 5, *,
+               query_lens: Sequence[int] = (1,) * 32 + (512,), context_lens: Sequence[int] = (1024,) * 32 + (2048,),
+               shape: tuple[int, int, int] = MODEL_SHAPE) -> float:  # fmt: skip
+    """Milliseconds of one layer's attention for a serving step, by default 32 decoding sequences with 1,024
     tokens of context and one 512-token prefill chunk after 1,536 cached tokens (28 query heads, 4 KV heads,
     head_dim 128). Events on ``device``'s current stream (the caller makes ``device`` current)."""
-    block_size, heads, kv_heads, dim = 16, 28, 4, 128
-    query_lens = [1] * 32 + [512]
-    context_lens = [1024] * 32 + [2048]
+    block_size, (heads, kv_heads, dim) = 16, shape
     per_seq = [-(-ctx // block_size) for ctx in context_lens]
     tables, next_block = [], 0
     for blocks in per_seq:
@@ -353,7 +446,8 @@ def _time_step(backend, device: torch.device, dtype: torch.dtype, repeats: int =
         next_block += blocks
     keys = torch.randn(next_block * block_size, kv_heads, dim, device=device, dtype=dtype)
     values = torch.randn_like(keys)
-    meta = AttentionMetadata.build(query_lens, context_lens, tables, block_size, device)
+    meta = AttentionMetadata.build(list(query_lens), list(context_lens), tables, block_size, device,
+                                   tiling=getattr(backend, "tiling", None))  # fmt: skip
     q = torch.randn(sum(query_lens), heads, dim, device=device, dtype=dtype)
     k, v = keys[meta.slot_mapping], values[meta.slot_mapping]
     backend(q, k, v, keys, values, meta)  # warm-up
@@ -396,18 +490,25 @@ def mismatch(got: torch.Tensor, expected: torch.Tensor, atol: float = SELF_TEST_
             f"{float(expected.flatten()[worst]):.3g} (bound {atol:g} + {rtol:g} x |value|)")  # fmt: skip
 
 
-def _self_test(backend, device: torch.device, dtype: torch.dtype) -> str | None:
+def _self_test(backend, device: torch.device, dtype: torch.dtype,
+               shape: tuple[int, int, int] = MODEL_SHAPE) -> str | None:  # fmt: skip
+    """None if ``backend`` agrees with the reference (``mismatch``) on a step of a model of ``shape``: a decode
+    with 600 tokens of context (long enough for the paged kernel to split it on a GPU), a fresh 5-token prompt,
+    a 7-token chunk after 23 cached tokens, a decode at 17, over shuffled blocks; else what differs."""
     generator = torch.Generator().manual_seed(0)
-    block_size, heads, kv_heads, dim = 16, 28, 4, 128
-    keys = torch.randn(64 * block_size, kv_heads, dim, generator=generator).to(device, dtype)
-    values = torch.randn(64 * block_size, kv_heads, dim, generator=generator).to(device, dtype)
-    query_lens, context_lens = [1, 5, 7, 1], [40, 5, 30, 17]
-    tables = [[3, 9, 4], [10], [20, 21], [30, 31]]
+    block_size, (heads, kv_heads, dim) = 16, shape
+    keys = torch.randn(96 * block_size, kv_heads, dim, generator=generator).to(device, dtype)
+    values = torch.randn(96 * block_size, kv_heads, dim, generator=generator).to(device, dtype)
+    query_lens, context_lens = [1, 5, 7, 1], [600, 5, 30, 17]
+    tables = [list(range(90, 52, -1)), [10], [20, 3], [30, 31]]
     meta = AttentionMetadata.build(query_lens, context_lens, tables, block_size, device)
     total = sum(query_lens)
     q = torch.randn(total, heads, dim, generator=generator).to(device, dtype)
     k, v = keys[meta.slot_mapping], values[meta.slot_mapping]
     expected = ReferenceAttention()(q, k, v, keys, values, meta)
+    tiling = getattr(backend, "tiling", None)
+    if tiling is not None:
+        meta = AttentionMetadata.build(query_lens, context_lens, tables, block_size, device, tiling=tiling)
     got = backend(q, k, v, keys, values, meta)
     error = mismatch(got, expected)
     return None if error is None else f"self-test: {error}"

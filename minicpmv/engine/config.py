@@ -27,9 +27,11 @@ class EngineConfig:
     prompt prefixes (images included) between requests. ``max_encoder_slices_per_step``: image slices
     encoded per step while other sequences decode (all at once when none does); unset: a prefill chunk's
     worth, ``max_num_batched_tokens // 64`` (each slice becomes 64 positions). ``attention_backend``:
-    "auto", "reference" or "varlen" (attention.py). ``cuda_graphs``: on CUDA, capture decode steps as CUDA
-    graphs at start-up and replay them (cuda_graphs.py; vLLM's ``enforce_eager`` is its opposite), for
-    contexts up to ``cuda_graph_max_len`` tokens (longer ones decode eagerly); no effect on the CPU.
+    "auto", "reference", "varlen" or "triton" (attention.py; "auto" on CUDA: the Triton paged kernel if it passes
+    its self-test). ``cuda_graphs``: on CUDA, capture decode steps as CUDA graphs at start-up and replay them
+    (cuda_graphs.py; vLLM's ``enforce_eager`` is its opposite): with the paged kernel one graph per batch size
+    for any context up to ``max_model_len``; without it (gathered keys) graphs per context bucket up to
+    ``cuda_graph_max_len`` tokens (longer ones decode eagerly); no effect on the CPU.
     """
 
     max_num_seqs: int = 16

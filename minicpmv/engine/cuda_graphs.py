@@ -7,17 +7,21 @@ the launches alone take longer than reading the weights. So steps in which every
 * the batch is padded to a **batch bucket** (1, 2, 4, 8, 16, 24, 32, 48, 64, ... up to ``max_num_seqs``); the
   padding rows decode token 0 at position 0 into the pool's **scratch block** (``KVPool.scratch_block``: never
   handed to a sequence), so they write nothing any sequence reads;
-* keys are gathered over a **context bucket**: the batch's longest context rounded up to a power of two of
-  blocks (at least ``MIN_CONTEXT``); a key past a sequence's own context is masked out.
+* with the **paged kernel** (``paged``: the Triton backend, triton_attention.py) the block tables live in a
+  static ``[max batch, max blocks]`` buffer and the kernel reads each row's used blocks in place: **one graph
+  per batch bucket** serves every context up to ``max_context`` (the model's length), and a step uploads only
+  the columns its longest table uses;
+* without it (the **gather** fallback, where the kernel is not usable), keys are gathered over a **context
+  bucket**: the batch's longest context rounded up to a power of two of blocks (at least ``MIN_CONTEXT``), a
+  key past a sequence's own context masked out; one graph per (batch bucket, context bucket). Attention there
+  treats the 7 query heads that share a KV head as 7 query rows of that head (one SDPA call, no
+  ``enable_gqa``, no repeated K/V), which lets torch pick its fused kernels with a mask.
 
-Each (batch bucket, context bucket) up to ``max_context`` tokens is captured once at start-up (all graphs share
-one memory pool) and replayed with one copy of the step's ids, positions and block tables into the buffers.
-Steps with a prefill chunk, image embeddings, more sequences than the largest bucket or a longer context run
-eagerly. On the CPU the same static forward runs without capture (``capture=False``): that is how the suite
-checks, against the eager path, the arithmetic the graphs replay.
-
-Attention in this path treats the 7 query heads that share a KV head as 7 query rows of that head (one SDPA
-call, no ``enable_gqa``, no repeated K/V), which lets torch pick its fused kernels with a mask.
+Every graph is captured once at start-up (all share one memory pool: ``pool_bytes``) and replayed with one
+copy of the step's ids, positions and block tables into the buffers. Steps with a prefill chunk, image
+embeddings, more sequences than the largest bucket or a longer context run eagerly. On the CPU the same
+static forward runs without capture (``capture=False``; the paged kernel under Triton's interpreter): that is
+how the suite checks, against the eager path, the arithmetic the graphs replay.
 
 Capture runs with this instance's GPU current and Python's cycle collector paused (``collector_paused``); the
 graphs call the runner's forward through a weak reference, so that runner and graphs form no reference cycle
@@ -108,6 +112,21 @@ class StaticDecodeMetadata:
     mask: torch.Tensor  # [B, 1, 1, K]
 
 
+@dataclass
+class StaticPagedMetadata:
+    """A static decode step's metadata for the paged kernel (triton_attention.py): views of static buffers."""
+
+    slot_mapping: torch.Tensor  # [B]
+    block_table: torch.Tensor  # [B, max blocks]
+    seq_lens: torch.Tensor  # [B]
+    cu_q: torch.Tensor  # [B + 1] = 0..B
+    decode_tiles: torch.Tensor  # [B, 2] = (b, 0)
+    block_size: int
+    num_splits: int  # fixed per batch size (DecodeGraphs.splits)
+    prefill_tiles: None = None
+    fresh: None = None
+
+
 class StaticDecodeAttention:
     name = "static-decode"
 
@@ -116,31 +135,43 @@ class StaticDecodeAttention:
 
 
 class DecodeGraphs:
-    """Static buffers and, on CUDA, one captured graph per (batch bucket, context bucket).
+    """Static buffers and, on CUDA, one captured graph per batch bucket (paged kernel) or per (batch bucket,
+    context bucket) (gather).
 
     ``forward(embed_ids, positions, meta)`` is the runner's model forward (embeddings, layers, final norm,
-    lm_head) returning float32 logits [B, V]; it must only launch device work (no host sync). A bound method is
-    held weakly (the runner owns these graphs: a strong reference back would be a cycle).
+    lm_head) returning float32 logits [B, V]; it must only launch device work (no host sync); ``meta`` is a
+    ``StaticPagedMetadata`` with ``paged`` (the runner then attends with ``paged``), else a
+    ``StaticDecodeMetadata``. A bound method is held weakly (the runner owns these graphs: a strong reference back
+    would be a cycle). ``paged`` decides how many key ranges a batch's decode splits into (fixed per graph).
     """
 
     def __init__(self, forward: Callable, *, block_size: int, scratch_block: int, max_num_seqs: int,
-                 max_context: int, device: torch.device, capture: bool):  # fmt: skip
+                 max_context: int, device: torch.device, capture: bool, paged=None):  # fmt: skip
         self._forward = weakref.WeakMethod(forward) if inspect.ismethod(forward) else (lambda: forward)
         self.block_size = block_size
         self.scratch_block = scratch_block
         self.device = device
+        self.paged = paged
         self.batch_sizes = batch_buckets(max_num_seqs)
-        self.widths = context_buckets(block_size, max_context)
+        max_blocks = -(-max_context // block_size)
+        self.widths = [max_blocks] if paged is not None else context_buckets(block_size, max_context)
         self.max_context = self.widths[-1] * block_size
         max_batch, max_width = self.batch_sizes[-1], self.widths[-1]
         self.ids = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.positions = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.tables = torch.full((max_batch, max_width), scratch_block, dtype=torch.long, device=device)
-        self._offsets = torch.arange(block_size, device=device)
-        self._keys = torch.arange(max_width * block_size, device=device)
+        if paged is not None:
+            rows = torch.arange(max_batch + 1, device=device)
+            self._cu_q = rows  # one new token per row
+            self._tiles = torch.stack([rows[:max_batch], torch.zeros_like(rows[:max_batch])], dim=1)  # (row, 0)
+            self.splits = {b: paged.splits(b, self.max_context) for b in self.batch_sizes}
+        else:
+            self._offsets = torch.arange(block_size, device=device)
+            self._keys = torch.arange(max_width * block_size, device=device)
         self.logits: torch.Tensor | None = None  # [max batch, V]: every graph writes its logits here
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.capture_seconds = 0.0
+        self.pool_bytes = 0  # GPU memory the capture reserved (the graphs' shared pool)
         self.num_steps = 0  # decode steps that took this path
         self.num_replays = 0  # of which replayed as a graph
         if capture:
@@ -154,14 +185,20 @@ class DecodeGraphs:
 
     def _static_forward(self, batch: int, width: int) -> torch.Tensor:
         ids, positions, tables = self.ids[:batch], self.positions[:batch], self.tables[:batch, :width]
-        slots = (tables[:, :, None] * self.block_size + self._offsets).view(batch, -1)  # [B, K]
-        rows = torch.arange(batch, device=self.device)
-        slot_mapping = slots[rows, positions]
-        mask = (self._keys[: width * self.block_size][None, :] <= positions[:, None])[:, None, None, :]
+        if self.paged is not None:
+            blocks = tables.gather(1, (positions // self.block_size)[:, None])[:, 0]
+            meta = StaticPagedMetadata(blocks * self.block_size + positions % self.block_size, tables, positions + 1,
+                                       self._cu_q[: batch + 1], self._tiles[:batch], self.block_size,
+                                       self.splits[batch])  # fmt: skip
+        else:
+            slots = (tables[:, :, None] * self.block_size + self._offsets).view(batch, -1)  # [B, K]
+            rows = torch.arange(batch, device=self.device)
+            mask = (self._keys[: width * self.block_size][None, :] <= positions[:, None])[:, None, None, :]
+            meta = StaticDecodeMetadata(slots[rows, positions], slots, mask)
         forward = self._forward()
         if forward is None:
             raise RuntimeError("the model runner of these CUDA graphs is gone")
-        return forward(ids, positions, StaticDecodeMetadata(slot_mapping, slots, mask))
+        return forward(ids, positions, meta)
 
     def bucket(self, num_seqs: int, max_context_len: int) -> tuple[int, int] | None:
         """The smallest (batch, width in blocks) holding this step; None if no bucket does."""
@@ -199,6 +236,8 @@ class DecodeGraphs:
         step[1, :n] = positions
         used = np.zeros(batch, dtype=np.int64)
         used[:n] = step[1, :n] // self.block_size + 1
+        if self.paged is not None:
+            width = int(used.max())  # the kernel reads no column past a row's own blocks: older ones may stay
         tables = [*block_tables, *[()] * (batch - n)]
         table = staging.padded_table(tables, used, width, self.scratch_block)
         staged, staged_table = staging.upload([step, table], self.device)
@@ -215,6 +254,7 @@ class DecodeGraphs:
 
     def _capture_on_device(self) -> None:
         start = time.perf_counter()
+        reserved = torch.cuda.memory_reserved(self.device)
         pool = None
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -237,5 +277,8 @@ class DecodeGraphs:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
         self.capture_seconds = time.perf_counter() - start
-        logger.info("CUDA graphs: %d captured (batch %s x context %s tokens) in %.1f s", len(self.graphs),
-                    self.batch_sizes, [w * self.block_size for w in self.widths], self.capture_seconds)  # fmt: skip
+        self.pool_bytes = torch.cuda.memory_reserved(self.device) - reserved
+        logger.info("CUDA graphs: %d captured (batch %s x context %s tokens, %s) in %.1f s, %.0f MiB", len(self.graphs),
+                    self.batch_sizes, [w * self.block_size for w in self.widths],
+                    "paged kernel" if self.paged is not None else "gather", self.capture_seconds,
+                    self.pool_bytes / 2**20)  # fmt: skip

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from minicpmv.engine.attention import AttentionMetadata, select_backend
-from minicpmv.engine.cuda_graphs import DecodeGraphs, StaticDecodeAttention
+from minicpmv.engine.cuda_graphs import DecodeGraphs, StaticDecodeAttention, StaticPagedMetadata
 from minicpmv.engine.kv_pool import KVPool, PoolShape, pool_bytes
 from minicpmv.engine.request import Sequence
 from minicpmv.engine.staging import device_scope
@@ -48,11 +48,13 @@ class ModelRunner:
     def __init__(self, model: MiniCPMV, *, block_size: int = 16, kv_cache_memory_mb: int | None = None,
                  num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
                  attention_backend: str = "auto", cuda_graphs: bool = True, max_num_seqs: int = 16,
-                 cuda_graph_max_len: int = 8192, static_decode: bool | None = None):  # fmt: skip
+                 cuda_graph_max_len: int = 8192, max_model_len: int | None = None,
+                 static_decode: bool | None = None):  # fmt: skip
         """``cuda_graphs``: replay pure decode steps as CUDA graphs (cuda_graphs.py; CUDA only) for batches up to
-        ``max_num_seqs`` and contexts up to ``cuda_graph_max_len``. ``static_decode`` runs those steps through
-        the graphs' static-shape forward without capture (default: where graphs are captured); on the CPU that
-        is how tests check the arithmetic the graphs replay."""
+        ``max_num_seqs`` and contexts up to ``max_model_len`` with the paged kernel (one graph per batch size),
+        else up to ``cuda_graph_max_len`` (gathered keys, a graph per context bucket). ``static_decode`` runs
+        those steps through the graphs' static-shape forward without capture (default: where graphs are
+        captured); on the CPU that is how tests check the arithmetic the graphs replay."""
         with device_scope(model.device):  # the pool, the backend's self-test and timing, the capture
             self.model = model
             cfg = model.config
@@ -72,14 +74,18 @@ class ModelRunner:
             else:
                 budget = pool_bytes(self.device, kv_cache_memory_mb, gpu_memory_utilization)
                 self.pool = KVPool.from_budget(shape, budget, self.device, scratch_block=static)
-            self.attention = select_backend(attention_backend, self.device, self.dtype)
+            shape = (self.num_heads, self.num_kv_heads, self.head_dim)
+            self.attention = select_backend(attention_backend, self.device, self.dtype, shape)
+            self._tiling = getattr(self.attention, "tiling", None)  # the paged kernel's (None: gathers)
             self.decode_graphs: DecodeGraphs | None = None
             if static:
+                paged = self.attention if self._tiling is not None else None
+                max_context = max(cuda_graph_max_len, max_model_len or 0) if paged else cuda_graph_max_len
                 # A bound method: DecodeGraphs holds it weakly (no runner <-> graphs reference cycle).
                 self.decode_graphs = DecodeGraphs(self._forward_static, block_size=block_size,
                                                   scratch_block=self.pool.scratch_block, max_num_seqs=max_num_seqs,
-                                                  max_context=cuda_graph_max_len, device=self.device,
-                                                  capture=capture)  # fmt: skip
+                                                  max_context=max_context, device=self.device, capture=capture,
+                                                  paged=paged)  # fmt: skip
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq  # [T, D/2], float32 as in transformers
@@ -119,7 +125,8 @@ class ModelRunner:
         device = self.device
         meta = AttentionMetadata.build(query_lens, context_lens, tables, self.pool.block_size, device, input_ids=ids,
                                        sample_rows=sample_rows,
-                                       vision_rows=np.concatenate(vision_rows) if vision_rows else None)  # fmt: skip
+                                       vision_rows=np.concatenate(vision_rows) if vision_rows else None,
+                                       tiling=self._tiling)  # fmt: skip
         embeds = self.model.llm.model.embed_tokens(meta.input_ids)
         if vision_rows:
             rows = torch.cat(vision_embeds).to(device=device, dtype=embeds.dtype)
@@ -129,7 +136,8 @@ class ModelRunner:
 
     def _forward_static(self, ids: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
         """The decode forward of cuda_graphs.py: one token per row, every row sampled; device work only."""
-        hidden = self._layers(self.model.llm.model.embed_tokens(ids), positions, meta, self._static_attention)
+        attention = self.attention if isinstance(meta, StaticPagedMetadata) else self._static_attention
+        hidden = self._layers(self.model.llm.model.embed_tokens(ids), positions, meta, attention)
         return self._logits(self.model.llm.model.norm(hidden))
 
     _static_attention = StaticDecodeAttention()

@@ -1,0 +1,13 @@
+"""Triton kernels of the engine (attention over the paged KV pool), proven on the CPU by Triton's interpreter
+and compiled ahead of time for sm_90/sm_80 in the suite (aot.py)."""
+
+from __future__ import annotations
+
+from minicpmv.engine.kernels.spec import LaunchSpec
+
+
+def launch_configs() -> list[LaunchSpec]:
+    """Every kernel configuration the engine can launch (what the AOT test compiles)."""
+    from minicpmv.engine.kernels import paged_attention
+
+    return paged_attention.launch_configs()
