@@ -341,8 +341,10 @@ BACKENDS = ("auto", "reference", "varlen", "triton")
 MODEL_SHAPE = (28, 4, 128)  # MiniCPM-V 2.6's LLM: query heads, KV heads, head dim
 
 
-def select_backend(name: str, device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int] = MODEL_SHAPE):
-    """The backend ``name`` asks for (``BACKENDS``) for a model of ``shape`` (query heads, KV heads, head dim).
+def select_backend(name: str, device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int] = MODEL_SHAPE,
+                   kv_dtype: torch.dtype | None = None):  # fmt: skip
+    """The backend ``name`` asks for (``BACKENDS``) for a model of ``shape`` (query heads, KV heads, head dim)
+    and a pool of ``kv_dtype`` (default ``dtype``; FP8: the paged kernel's self-test reads an FP8 pool).
 
     "auto" on CUDA takes the Triton paged kernel (triton_attention.py) if it builds and agrees with the
     reference on a self-test (mixed decode and prefill, cached prefix, GQA, a split long decode), prompts with
@@ -364,9 +366,9 @@ def select_backend(name: str, device: torch.device, dtype: torch.dtype, shape: t
             return _select_varlen_or_fastest(name, device, dtype)
         from minicpmv.engine import triton_attention  # imports triton
 
-        backend, error = triton_attention.validated(device, dtype, shape)
+        backend, error = triton_attention.validated(device, dtype, shape, kv_dtype)
         if backend is not None:
-            return triton_attention.with_fresh_prompts(backend, name, device, dtype, shape)
+            return triton_attention.with_fresh_prompts(backend, name, device, dtype, shape, kv_dtype)
         if name == "triton":
             raise RuntimeError(f"attention backend 'triton' is not usable here: {error}")
         logger.warning("attention: the Triton paged kernel is not usable here (%s); trying varlen", error)
@@ -434,7 +436,7 @@ def fastest(backends: list, time_ms) -> Any:
 
 def _time_step(backend, device: torch.device, dtype: torch.dtype, repeats: int = 5, *,
                query_lens: Sequence[int] = (1,) * 32 + (512,), context_lens: Sequence[int] = (1024,) * 32 + (2048,),
-               shape: tuple[int, int, int] = MODEL_SHAPE) -> float:  # fmt: skip
+               shape: tuple[int, int, int] = MODEL_SHAPE, kv_dtype: torch.dtype | None = None) -> float:  # fmt: skip
     """Milliseconds of one layer's attention for a serving step, by default 32 decoding sequences with 1,024
     tokens of context and one 512-token prefill chunk after 1,536 cached tokens (28 query heads, 4 KV heads,
     head_dim 128). Events on ``device``'s current stream (the caller makes ``device`` current)."""
@@ -450,6 +452,8 @@ def _time_step(backend, device: torch.device, dtype: torch.dtype, repeats: int =
                                    tiling=getattr(backend, "tiling", None))  # fmt: skip
     q = torch.randn(sum(query_lens), heads, dim, device=device, dtype=dtype)
     k, v = keys[meta.slot_mapping], values[meta.slot_mapping]
+    if kv_dtype is not None and kv_dtype != dtype:
+        keys, values = keys.to(kv_dtype), values.to(kv_dtype)
     backend(q, k, v, keys, values, meta)  # warm-up
     stream = torch.cuda.current_stream(device)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -490,15 +494,17 @@ def mismatch(got: torch.Tensor, expected: torch.Tensor, atol: float = SELF_TEST_
             f"{float(expected.flatten()[worst]):.3g} (bound {atol:g} + {rtol:g} x |value|)")  # fmt: skip
 
 
-def _self_test(backend, device: torch.device, dtype: torch.dtype,
-               shape: tuple[int, int, int] = MODEL_SHAPE) -> str | None:  # fmt: skip
+def _self_test(backend, device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int] = MODEL_SHAPE,
+               kv_dtype: torch.dtype | None = None) -> str | None:  # fmt: skip
     """None if ``backend`` agrees with the reference (``mismatch``) on a step of a model of ``shape``: a decode
     with 600 tokens of context (long enough for the paged kernel to split it on a GPU), a fresh 5-token prompt,
-    a 7-token chunk after 23 cached tokens, a decode at 17, over shuffled blocks; else what differs."""
+    a 7-token chunk after 23 cached tokens, a decode at 17, over shuffled blocks; else what differs. With a
+    ``kv_dtype`` other than ``dtype`` (FP8) the backend reads a pool of it, the reference its values upcast."""
     generator = torch.Generator().manual_seed(0)
     block_size, (heads, kv_heads, dim) = 16, shape
-    keys = torch.randn(96 * block_size, kv_heads, dim, generator=generator).to(device, dtype)
-    values = torch.randn(96 * block_size, kv_heads, dim, generator=generator).to(device, dtype)
+    pool = [torch.randn(96 * block_size, kv_heads, dim, generator=generator).to(device) for _ in range(2)]
+    stored = [x.to(kv_dtype) for x in pool] if kv_dtype is not None and kv_dtype != dtype else None
+    keys, values = (x.to(dtype) for x in (stored or pool))
     query_lens, context_lens = [1, 5, 7, 1], [600, 5, 30, 17]
     tables = [list(range(90, 52, -1)), [10], [20, 3], [30, 31]]
     meta = AttentionMetadata.build(query_lens, context_lens, tables, block_size, device)
@@ -509,6 +515,8 @@ def _self_test(backend, device: torch.device, dtype: torch.dtype,
     tiling = getattr(backend, "tiling", None)
     if tiling is not None:
         meta = AttentionMetadata.build(query_lens, context_lens, tables, block_size, device, tiling=tiling)
+    if stored is not None:
+        keys, values = stored
     got = backend(q, k, v, keys, values, meta)
     error = mismatch(got, expected)
     return None if error is None else f"self-test: {error}"

@@ -31,7 +31,10 @@ class EngineConfig:
     its self-test). ``cuda_graphs``: on CUDA, capture decode steps as CUDA graphs at start-up and replay them
     (cuda_graphs.py; vLLM's ``enforce_eager`` is its opposite): with the paged kernel one graph per batch size
     for any context up to ``max_model_len``; without it (gathered keys) graphs per context bucket up to
-    ``cuda_graph_max_len`` tokens (longer ones decode eagerly); no effect on the CPU.
+    ``cuda_graph_max_len`` tokens (longer ones decode eagerly); no effect on the CPU. ``kv_cache_dtype``:
+    "auto" (the model's dtype) or "fp8" (e4m3, scale 1, values clamped to +-448 as they are stored: half the KV
+    bytes, twice the tokens; read only by the Triton paged kernel, so it needs that backend, and sm_89 or later
+    on CUDA; off by default until measured on a GPU).
     """
 
     max_num_seqs: int = 16
@@ -51,6 +54,7 @@ class EngineConfig:
     attention_backend: str = "auto"
     cuda_graphs: bool = True
     cuda_graph_max_len: int = 8192
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "default_max_tokens", "block_size",
@@ -61,5 +65,7 @@ class EngineConfig:
                      "max_encoder_slices_per_step"):  # fmt: skip
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1 (or unset)")
+        if self.kv_cache_dtype not in ("auto", "fp8"):
+            raise ValueError(f"EngineConfig.kv_cache_dtype must be 'auto' or 'fp8', got {self.kv_cache_dtype!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("EngineConfig.gpu_memory_utilization must be in (0, 1]")

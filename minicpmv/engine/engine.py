@@ -73,7 +73,7 @@ class Engine:
                                   attention_backend=cfg.attention_backend, cuda_graphs=cfg.cuda_graphs,
                                   max_num_seqs=cfg.max_num_seqs,
                                   cuda_graph_max_len=min(cfg.cuda_graph_max_len, self.max_model_len),
-                                  max_model_len=self.max_model_len)  # fmt: skip
+                                  max_model_len=self.max_model_len, kv_cache_dtype=cfg.kv_cache_dtype)  # fmt: skip
         self.block_manager = BlockManager(self.runner.pool.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens,
                                    cfg.max_prefill_attention_pairs)  # fmt: skip

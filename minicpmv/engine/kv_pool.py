@@ -20,6 +20,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 DEFAULT_CPU_KV_MB = 1024
+FP8 = torch.float8_e4m3fn  # kv_cache_dtype "fp8"
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,21 @@ def cuda_kv_budget(free: int, total: int, own: int, gpu_memory_utilization: floa
     return max(0, int(min(total * gpu_memory_utilization - own, free * 0.95)))
 
 
+def fp8_kv_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The FP8 pool's dtype for a model of ``dtype`` on ``device``. On CUDA e4m3 needs sm_89 or later (Triton has
+    no e4m3 before Ada) and a bf16/fp16 model (the kernel's float32 tiles over FP8 spill registers: not
+    compiled); on the CPU (Triton's interpreter, tests) any dtype."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if torch.cuda.get_device_capability(device) < (8, 9):
+            name, capability = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
+            raise ValueError(f"kv_cache_dtype 'fp8' (e4m3) needs a GPU of compute capability 8.9 or later; "
+                             f"{name} has {capability}")  # fmt: skip
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"kv_cache_dtype 'fp8' needs a bfloat16 or float16 model on CUDA, not {dtype}")
+    return FP8
+
+
 class KVPool:
     """``num_blocks`` blocks for sequences, plus with ``scratch_block`` one more (index ``num_blocks``, never given
     to a sequence) where the padding rows of a CUDA-graph decode step write their K/V."""
@@ -96,6 +113,12 @@ class KVPool:
         return (self.num_blocks + int(self.scratch_block is not None)) * self.shape.bytes_per_block
 
     def store(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Write ``keys``/``values`` [T, H, D] of new tokens into ``slots`` [T] of ``layer``."""
+        """Write ``keys``/``values`` [T, H, D] of new tokens into ``slots`` [T] of ``layer``; into an FP8 pool
+        clamped to the format's range first (a cast past it gives NaN) and cast, scale 1 (vLLM's default)."""
+        if self.shape.dtype == FP8:  # index_copy_ has no FP8 kernel (CPU, CUDA): copied as the bytes they are
+            keys, values = (x.clamp(-FP8_MAX, FP8_MAX).to(FP8).view(torch.uint8) for x in (keys, values))
+            self.keys[layer].view(torch.uint8).index_copy_(0, slots, keys)
+            self.values[layer].view(torch.uint8).index_copy_(0, slots, values)
+            return
         self.keys[layer].index_copy_(0, slots, keys)
         self.values[layer].index_copy_(0, slots, values)

@@ -20,7 +20,7 @@ import torch
 
 from minicpmv.engine.attention import AttentionMetadata, select_backend
 from minicpmv.engine.cuda_graphs import DecodeGraphs, StaticDecodeAttention, StaticPagedMetadata
-from minicpmv.engine.kv_pool import KVPool, PoolShape, pool_bytes
+from minicpmv.engine.kv_pool import KVPool, PoolShape, fp8_kv_dtype, pool_bytes
 from minicpmv.engine.request import Sequence
 from minicpmv.engine.staging import device_scope
 from minicpmv.modeling.minicpmv import MiniCPMV
@@ -49,12 +49,13 @@ class ModelRunner:
                  num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
                  attention_backend: str = "auto", cuda_graphs: bool = True, max_num_seqs: int = 16,
                  cuda_graph_max_len: int = 8192, max_model_len: int | None = None,
-                 static_decode: bool | None = None):  # fmt: skip
+                 static_decode: bool | None = None, kv_cache_dtype: str = "auto"):  # fmt: skip
         """``cuda_graphs``: replay pure decode steps as CUDA graphs (cuda_graphs.py; CUDA only) for batches up to
         ``max_num_seqs`` and contexts up to ``max_model_len`` with the paged kernel (one graph per batch size),
         else up to ``cuda_graph_max_len`` (gathered keys, a graph per context bucket). ``static_decode`` runs
         those steps through the graphs' static-shape forward without capture (default: where graphs are
-        captured); on the CPU that is how tests check the arithmetic the graphs replay."""
+        captured); on the CPU that is how tests check the arithmetic the graphs replay. ``kv_cache_dtype``
+        "fp8": an e4m3 pool, read by the paged kernel only (the backend must be it)."""
         with device_scope(model.device):  # the pool, the backend's self-test and timing, the capture
             self.model = model
             cfg = model.config
@@ -66,7 +67,8 @@ class ModelRunner:
             self.dtype = model.dtype
             exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim
             self.inv_freq = (1.0 / (cfg.rope_theta**exponent)).to(self.device)
-            shape = PoolShape(self.num_layers, self.num_kv_heads, self.head_dim, block_size, self.dtype)
+            kv_dtype = fp8_kv_dtype(self.device, self.dtype) if kv_cache_dtype == "fp8" else self.dtype
+            shape = PoolShape(self.num_layers, self.num_kv_heads, self.head_dim, block_size, kv_dtype)
             capture = cuda_graphs and self.device.type == "cuda"
             static = capture if static_decode is None else static_decode
             if num_kv_blocks is not None:
@@ -74,9 +76,13 @@ class ModelRunner:
             else:
                 budget = pool_bytes(self.device, kv_cache_memory_mb, gpu_memory_utilization)
                 self.pool = KVPool.from_budget(shape, budget, self.device, scratch_block=static)
-            shape = (self.num_heads, self.num_kv_heads, self.head_dim)
-            self.attention = select_backend(attention_backend, self.device, self.dtype, shape)
+            heads = (self.num_heads, self.num_kv_heads, self.head_dim)
+            self.attention = select_backend(attention_backend, self.device, self.dtype, heads, kv_dtype)
             self._tiling = getattr(self.attention, "tiling", None)  # the paged kernel's (None: gathers)
+            if kv_dtype != self.dtype and self._tiling is None:
+                raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} is read by the Triton paged kernel only; the "
+                                 f"attention backend here is {self.attention.name!r} "
+                                 f"({self.attention.selection})")  # fmt: skip
             self.decode_graphs: DecodeGraphs | None = None
             if static:
                 paged = self.attention if self._tiling is not None else None

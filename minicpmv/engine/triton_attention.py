@@ -95,15 +95,15 @@ class TritonAttention:
         return out
 
 
-def validated(device: torch.device, dtype: torch.dtype,
-              shape: tuple[int, int, int]) -> tuple[TritonAttention | None, str | None]:  # fmt: skip
-    """The paged backend for a model of ``shape`` if it builds and passes attention.py's self-test (through
-    Triton's interpreter on the CPU), else None and why."""
+def validated(device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int],
+              kv_dtype: torch.dtype | None = None) -> tuple[TritonAttention | None, str | None]:  # fmt: skip
+    """The paged backend for a model of ``shape`` and a pool of ``kv_dtype`` if it builds and passes attention.py's
+    self-test (through Triton's interpreter on the CPU), else None and why."""
     from minicpmv.engine import attention
 
     try:
         backend = TritonAttention(*shape, dtype, device)
-        error = attention._self_test(backend, device, dtype, shape)
+        error = attention._self_test(backend, device, dtype, shape, kv_dtype)
     except Exception as e:  # noqa: BLE001 (any failure means: not usable here)
         return None, f"{type(e).__name__}: {e}"
     return (backend, None) if error is None else (None, error)
@@ -114,7 +114,8 @@ FRESH_STEP = {"query_lens": (2048,), "context_lens": (2048,)}
 
 
 def with_fresh_prompts(backend: TritonAttention, name: str, device: torch.device, dtype: torch.dtype,
-                       shape: tuple[int, int, int]) -> TritonAttention:  # fmt: skip
+                       shape: tuple[int, int, int],
+                       kv_dtype: torch.dtype | None = None) -> TritonAttention:  # fmt: skip
     """``backend``, or its variant sending prompts with nothing cached to FlashAttention varlen, whichever is
     faster on ``FRESH_STEP`` (CUDA, varlen passing the self-test there too); ``selection`` says why."""
     from minicpmv.engine import attention
@@ -129,11 +130,12 @@ def with_fresh_prompts(backend: TritonAttention, name: str, device: torch.device
     if varlen is not None:
         other = backend.variant("varlen", varlen)
         try:
-            error = attention._self_test(other, device, dtype, shape)
+            error = attention._self_test(other, device, dtype, shape, kv_dtype)
             if error is not None:
                 why = f"kernel + varlen failed the self-test ({error})"
             else:
-                timings = {label: round(attention._time_step(b, device, dtype, shape=shape, **FRESH_STEP), 3)
+                timings = {label: round(attention._time_step(b, device, dtype, shape=shape, kv_dtype=kv_dtype,
+                                                             **FRESH_STEP), 3)
                            for label, b in (("kernel", backend), ("varlen", other))}  # fmt: skip
                 chosen = other if timings["varlen"] < timings["kernel"] else backend
                 chosen.timings_ms = timings

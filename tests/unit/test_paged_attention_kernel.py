@@ -201,3 +201,23 @@ def test_tiles_cut_each_chunk_and_leave_fresh_prompts_to_varlen_when_asked():
     assert with_varlen["prefill_tiles"].tolist() == [[3, 0], [3, 8], [3, 16]]
     assert with_varlen["fresh_rows"].tolist() == [1, 2, 3, 4, 5, 6, 7, 8]
     assert with_varlen["fresh_cu"].tolist() == [0, 5, 8]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_an_fp8_pool_is_read_as_its_values_upcast(dtype):
+    """kv_cache_dtype "fp8": the kernel converts e4m3 K/V to the query's dtype as it reads them; the result is
+    attention over those values (the reference reads the same values upcast): exact in float32."""
+    heads, kv_heads, dim = 28, 4, 128
+    generator = torch.Generator().manual_seed(5)
+    query_lens, contexts = [1, 9, 1], [33, 25, 70]
+    keys, values = _pool(generator, 16, 16, kv_heads, dim, torch.float32)
+    keys, values = (x.to(torch.float8_e4m3fn) for x in (keys, values))
+    tables, table = _tables(generator, contexts, 16, 16)
+    q = torch.randn(sum(query_lens), heads, dim, generator=generator).to(dtype)
+    expected = _reference(q, keys.to(dtype), values.to(dtype), tables, query_lens, contexts, 16)
+    for config in pa.tile_configs(heads, kv_heads, dim, dtype):
+        got = _launch(q, keys, values, table, query_lens, contexts, 16, config)
+        if dtype == torch.float32:
+            torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=2e-6)
+        else:
+            assert mismatch(got, expected) is None

@@ -6,6 +6,7 @@ forward without context buckets), not only the kernel. Tiny model, a few steps e
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
@@ -80,3 +81,28 @@ def test_static_decode_on_the_paged_kernel_has_one_width_and_gives_the_eager_ids
     finally:
         eager.shutdown()
         static.shutdown()
+
+
+def test_an_fp8_kv_cache_holds_twice_the_tokens_and_needs_the_kernel(tiny_full, monkeypatch):
+    from minicpmv.engine.kv_pool import FP8
+
+    budget = {"num_kv_blocks": None, "kv_cache_memory_mb": 4}
+    plain = _engine(tiny_full, monkeypatch, "triton", **budget)
+    fp8 = _engine(tiny_full, monkeypatch, "triton", kv_cache_dtype="fp8", **budget)
+    try:
+        assert fp8.runner.pool.keys[0].dtype == FP8 and plain.runner.pool.keys[0].dtype == torch.float32
+        assert fp8.runner.pool.num_blocks == 4 * plain.runner.pool.num_blocks  # 1 byte a value instead of 4
+        choice = fp8.generate(request("Count to ten.", max_tokens=5, logprobs=True)).choices[0]
+        assert choice.error is None and len(choice.token_ids) == 5
+        assert all(math.isfinite(entry.logprob) for entry in choice.logprobs)
+        # Stored clamped to e4m3's range, not NaN.
+        slots = torch.tensor([0])
+        fp8.runner.pool.store(0, slots, torch.full((1, 2, 64), 1e4), torch.full((1, 2, 64), -1e4))
+        assert fp8.runner.pool.keys[0][0].float().eq(448).all() and fp8.runner.pool.values[0][0].float().eq(-448).all()
+    finally:
+        plain.shutdown()
+        fp8.shutdown()
+    with pytest.raises(ValueError, match="read by the Triton paged kernel only"):
+        _engine(tiny_full, monkeypatch, "reference", kv_cache_dtype="fp8")
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        EngineConfig(kv_cache_dtype="int8")

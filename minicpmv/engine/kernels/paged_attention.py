@@ -100,8 +100,9 @@ def _paged_attention(q_ptr, k_ptr, v_ptr, out_ptr, part_ptr, stats_ptr, table_pt
         block = tl.load(table_row + keys // block_size, mask=key_ok, other=0)
         slot = block.to(tl.int64) * block_size + keys % block_size
         offset = slot[:, None] * stride_slot + kv_head * stride_kvh + dims[None, :]
-        k = tl.load(k_ptr + offset, mask=key_ok[:, None], other=0.0)
-        v = tl.load(v_ptr + offset, mask=key_ok[:, None], other=0.0)
+        # An FP8 pool's K/V become the query's dtype here, in registers (a no-op for a pool of that dtype).
+        k = tl.load(k_ptr + offset, mask=key_ok[:, None], other=0.0).to(q_ptr.dtype.element_ty)
+        v = tl.load(v_ptr + offset, mask=key_ok[:, None], other=0.0).to(q_ptr.dtype.element_ty)
         if DOT_F32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -220,8 +221,9 @@ def paged_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, o
                     block_size: int, config: TileConfig, num_splits: int = 1) -> None:  # fmt: skip
     """Attention of the new tokens in ``tiles`` into ``out`` (rows of other tokens are left as they are).
 
-    ``q``/``out`` [T, Hq, D]; ``keys``/``values`` [slots, Hk, D] (a layer's pool, any of bf16/fp16/fp32, the
-    same as ``q``); ``table`` [B, W] block ids (int32/int64, rows past a sequence's blocks unread);
+    ``q``/``out`` [T, Hq, D]; ``keys``/``values`` [slots, Hk, D] (a layer's pool: ``q``'s dtype, or FP8 e4m3
+    under a bf16/fp16 ``q``, converted as read); ``table`` [B, W] block ids (int32/int64, rows past a
+    sequence's blocks unread);
     ``seq_lens`` [B] context lengths; ``cu_q`` [B + 1] where each sequence's new tokens start in ``q``;
     ``tiles`` [N, 2] (sequence, first new token) with ``config.block_q`` tokens each; ``num_splits`` key ranges
     per tile (1: no split; at most MAX_SPLITS). CPU tensors run under Triton's interpreter."""
@@ -265,21 +267,27 @@ def paged_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, o
 # random-weight checkpoint of the tests and of serve.sh --demo.
 MODEL_HEADS = ((28, 4, 128), (4, 2, 64))
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_TRITON_TYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_TRITON_TYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float8_e4m3fn: "fp8e4nv"}
+FP8_ARCHS = (90,)  # e4m3 needs sm_89+: Triton refuses fp8e4nv on sm_80 (kv_pool.fp8_kv_dtype checks the GPU)
 
 
 def launch_configs() -> list[LaunchSpec]:
     """Every configuration ``paged_attention`` launches for the models and dtypes the engine serves: per
-    (heads, dtype), the decode tile with and without split, the prefill tile, and the merge."""
+    (heads, dtype, KV dtype), the decode tile with and without split, the prefill tile, and the merge; an FP8 KV
+    pool under bf16/fp16 on Hopper only."""
     attend, merge = kernels()
     specs = []
+    # FP8 under bf16/fp16 (kv_pool.fp8_kv_dtype refuses float32 models on CUDA: their tiles would spill).
+    kv_dtypes = [(dtype, dtype) for dtype in DTYPES] + [(dtype, torch.float8_e4m3fn) for dtype in DTYPES[:2]]
     for num_heads, num_kv_heads, head_dim in MODEL_HEADS:
         group, pad = num_heads // num_kv_heads, group_pad(num_heads, num_kv_heads)
-        for dtype in DTYPES:
-            t = _TRITON_TYPE[dtype]
+        for dtype, kv_dtype in kv_dtypes:
+            t, kv = _TRITON_TYPE[dtype], _TRITON_TYPE[kv_dtype]
+            fp8 = kv_dtype == torch.float8_e4m3fn
+            archs = FP8_ARCHS if fp8 else (90, 80)
             decode, prefill = tile_configs(num_heads, num_kv_heads, head_dim, dtype)
             signature = {
-                "q_ptr": f"*{t}", "k_ptr": f"*{t}", "v_ptr": f"*{t}", "out_ptr": f"*{t}", "part_ptr": "*fp32",
+                "q_ptr": f"*{t}", "k_ptr": f"*{kv}", "v_ptr": f"*{kv}", "out_ptr": f"*{t}", "part_ptr": "*fp32",
                 "stats_ptr": "*fp32", "table_ptr": "*i64", "seq_lens_ptr": "*i64", "cu_q_ptr": "*i64",
                 "tiles_ptr": "*i64", "scale": "fp32", "block_size": "i32", "stride_table": "i32",
                 "stride_qt": "i32", "stride_qh": "i32", "stride_ot": "i32", "stride_oh": "i32",
@@ -293,9 +301,11 @@ def launch_configs() -> list[LaunchSpec]:
                 constexprs = {"HEAD_DIM": head_dim, "GROUP": group, "GROUP_PAD": pad, "BLOCK_Q": config.block_q,
                               "BLOCK_N": config.block_n, "SPLIT": split, "DOT_F32": False,
                               "IEEE": dtype == torch.float32}  # fmt: skip
-                name = f"attention-{label} {num_heads}:{num_kv_heads}x{head_dim} {t}"
+                name = f"attention-{label} {num_heads}:{num_kv_heads}x{head_dim} {t}" + (" kv-fp8" if fp8 else "")
                 specs.append(LaunchSpec(name, attend, signature, constexprs, config.num_warps, config.num_stages,
-                                        aligned))  # fmt: skip
+                                        aligned, archs))  # fmt: skip
+            if fp8:
+                continue  # the merge reads float32 partial sums: the same as without FP8
             merge_signature = {
                 "part_ptr": "*fp32", "stats_ptr": "*fp32", "out_ptr": f"*{t}", "seq_lens_ptr": "*i64",
                 "cu_q_ptr": "*i64", "tiles_ptr": "*i64", "num_splits": "i32", "stride_ot": "i32", "stride_oh": "i32",
