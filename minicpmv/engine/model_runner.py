@@ -101,7 +101,12 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq]) -> torch.Tensor:
         """One forward over ``batch``; returns float32 logits [S, V] for the entries with ``sample`` set, in
-        batch order. K/V of every scheduled token are in the pool afterwards."""
+        batch order. K/V of every scheduled token are in the pool afterwards. Runs with this runner's GPU
+        current: Triton launches its kernels on the current device's current stream."""
+        with device_scope(self.device):
+            return self._execute(batch)
+
+    def _execute(self, batch: list[ScheduledSeq]) -> torch.Tensor:
         ids, query_lens, context_lens, tables, sample_rows = [], [], [], [], []
         vision_rows: list[np.ndarray] = []  # packed rows of image placeholder positions (host integers)
         vision_embeds: list[torch.Tensor] = []  # their embeddings

@@ -173,7 +173,11 @@ def _build(interpret: bool):
     process-wide TRITON_INTERPRET."""
     with knobs.runtime.scope():
         knobs.runtime.interpret = interpret
-        return triton.jit(_paged_attention), triton.jit(_merge_splits)
+        # Arguments that change from step to step are not specialised (Triton would compile a variant for a
+        # value of 1 and for multiples of 16): a step never waits for a compile because its widest block table
+        # or its split count changed.
+        return (triton.jit(_paged_attention, do_not_specialize=["stride_table", "num_splits"]),
+                triton.jit(_merge_splits, do_not_specialize=["num_splits"]))  # fmt: skip
 
 
 def kernels(interpret: bool = False):
