@@ -50,20 +50,22 @@ def render_markdown(summary: dict[str, Any]) -> str:
             continue
         head = {k: v for k, v in results.items() if not isinstance(v, dict)}
         lines += ["", f"## {name}", "", ", ".join(f"{k}: {v}" for k, v in head.items())]
-        for key in ("engine_config", "cuda_graphs", "cuda_graphs_vs_eager"):
+        for key in ("engine_config", "cuda_graphs", "cuda_graphs_vs_eager", "targets"):
             if isinstance(results.get(key), dict):
                 shown = {k: v for k, v in results[key].items() if k not in ("traceback",)}
                 lines.append(f"\n{key}: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
+        lines += _kernel_vs_gather(results)
         rows = [(k, v) for k, v in results.items()
                 if k.startswith("decode_c") and isinstance(v, dict) and v.get("passed")]  # fmt: skip
         if rows:
-            lines += ["", "| concurrent | sampling | CUDA graphs | output tok/s (decode) | end to end | step ms | "
-                      "bound tok/s | % of bound |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+            lines += ["", "| concurrent | sampling | attention | CUDA graphs | output tok/s (decode) | end to end | "
+                      "step ms | bound tok/s | % of bound |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
             graphs = "yes" if results.get("cuda_graphs") else "no"
             for key, r in rows:
                 used = "no" if key.endswith("_without_cuda_graphs") else graphs
-                lines.append(f"| {r['concurrency']} | {r.get('sampling', 'greedy')} | {used} | "
-                             f"{_fmt(r.get('decode_tok_s'))} | "
+                used = ("yes" if r["cuda_graphs"] else "no") if "cuda_graphs" in r else used  # (newer rows say)
+                lines.append(f"| {r['concurrency']} | {r.get('sampling', 'greedy')} | "
+                             f"{_fmt(r.get('attention_path'))} | {used} | {_fmt(r.get('decode_tok_s'))} | "
                              f"{_fmt(r.get('e2e_tok_s'))} | "
                              f"{_fmt(r.get('decode_step_ms'))} | {_fmt(r.get('bandwidth_bound_tok_s'))} | "
                              f"{_fmt(r.get('percent_of_bound'))} |")  # fmt: skip
@@ -77,3 +79,39 @@ def render_markdown(summary: dict[str, Any]) -> str:
         lines += ["", "## triton", ""] + [f"- {k}: {json.dumps(v, default=str)[:300]}" for k, v in triton.items()
                                            if k != "triton_log_tail"]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def _kernel_vs_gather(results: dict[str, Any]) -> list[str]:
+    """Lines on the paged kernel against the gather path (full_bf16): decode per level, one layer's attention
+    step, both paths' graphs; what was not measured is left out."""
+    lines = []
+    table = results.get("decode_kernel_vs_gather")
+    if isinstance(table, dict) and table:
+        paths = {r.get("kernel_path") for r in table.values()} - {"paged kernel"}
+        note = f" (the engine decoded on {', '.join(map(str, paths))}, not the paged kernel)" if paths else ""
+        lines += ["", f"Paged kernel vs gather, decode output tok/s{note}:", "",
+                  "| concurrent | kernel tok/s | kernel % of bound | gather tok/s | gather % of bound | "
+                  "kernel / gather |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for level, r in table.items():
+            lines.append(f"| {level.removeprefix('c')} | {_fmt(r.get('kernel_tok_s'))} | "
+                         f"{_fmt(r.get('kernel_percent_of_bound'))} | {_fmt(r.get('gather_tok_s'))} | "
+                         f"{_fmt(r.get('gather_percent_of_bound'))} | "
+                         f"{_fmt(r.get('kernel_over_gather'))} |")  # fmt: skip
+    step = results.get("attention_step_c64_ctx2048")
+    if isinstance(step, dict) and step.get("passed"):
+        extra = f", reference gather {step['reference_gather_ms']} ms" if "reference_gather_ms" in step else ""
+        lines.append(f"\nattention step (one layer, {step['sequences']} x {step['context_tokens']} tokens): kernel "
+                     f"{step['kernel_ms']} ms ({_fmt(step.get('kernel_percent_of_hbm'))}% of HBM bandwidth for "
+                     f"{step['kernel_kv_bytes'] / 2**20:.0f} MiB of K/V), {step['gather_backend']} gather "
+                     f"{step['gather_ms']} ms{extra}; gather / kernel {step['gather_over_kernel']}")  # fmt: skip
+    gather = results.get("gather_path")
+    kernel = results.get("cuda_graphs")
+    if isinstance(gather, dict) and gather.get("passed"):
+        lines.append(f"\ngather path: attention {gather.get('attention')} ({gather.get('attention_selection')})")
+        for name, graphs in (("kernel", kernel), ("gather", gather.get("cuda_graphs"))):
+            if isinstance(graphs, dict):
+                lines.append(f"\n{name} graphs: {graphs.get('captured')} captured in {graphs.get('capture_s')} s, "
+                             f"pool {_fmt(graphs.get('pool_mib'))} MiB, contexts "
+                             f"{graphs.get('context_buckets_tokens')} tokens")  # fmt: skip
+    return lines

