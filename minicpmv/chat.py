@@ -17,7 +17,7 @@ from typing import Any
 
 from PIL import Image
 
-from minicpmv.processing import IMAGE_TAG
+from minicpmv.processing import IMAGE_TAG, ImageSettings
 
 ROLES = ("system", "user", "assistant")
 IMAGE_PART_TYPES = ("image", "image_url", "input_image")
@@ -30,8 +30,11 @@ class ChatFormatError(ValueError):
 
 @dataclass
 class ChatPrompt:
+    """``images`` in prompt order, each with the settings its part gave (``image_settings``, same order)."""
+
     prompt: str
     images: list[Image.Image] = field(default_factory=list)
+    image_settings: list[ImageSettings] = field(default_factory=list)
 
 
 def format_chat(
@@ -45,7 +48,9 @@ def format_chat(
 
     Rules: roles are system/user/assistant ("developer" is taken as system, as OpenAI does);
     at most one system message, and it comes first; at least one user or system message; images only
-    in user messages. Every image of ``images`` must be used, each once. Raises ChatFormatError.
+    in user messages. Every image of ``images`` must be used, each once. An image part may carry its own
+    ``max_slice_nums`` (1-36) and ``use_image_id`` (true/false): ``ChatPrompt.image_settings``. Raises
+    ChatFormatError.
     """
     if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
         raise ChatFormatError("messages must be a non-empty list")
@@ -53,6 +58,7 @@ def format_chat(
     used = 0
     rendered: list[dict[str, str]] = []
     ordered_images: list[Image.Image] = []
+    settings: list[ImageSettings] = []
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
             raise ChatFormatError(f"messages[{i}] must be an object")
@@ -67,7 +73,7 @@ def format_chat(
             if n > 1:
                 raise ChatFormatError(f"at most one system message is allowed, got {n}")
             raise ChatFormatError("the system message must be the first message")
-        parts, used = _render_content(message.get("content"), i, role, supplied, used, ordered_images)
+        parts, used = _render_content(message.get("content"), i, role, supplied, used, ordered_images, settings)
         rendered.append({"role": role, "content": "\n".join(parts)})
     if not any(m["role"] in ("user", "system") for m in rendered):  # a system message alone is answered
         raise ChatFormatError("messages must contain at least one user or system message")
@@ -76,10 +82,10 @@ def format_chat(
     prompt = tokenizer.apply_chat_template(
         rendered, tokenize=False, add_generation_prompt=add_generation_prompt
     )
-    return ChatPrompt(prompt=prompt, images=ordered_images)
+    return ChatPrompt(prompt=prompt, images=ordered_images, image_settings=settings)
 
 
-def _render_content(content, index, role, supplied, used, ordered_images) -> tuple[list[str], int]:
+def _render_content(content, index, role, supplied, used, ordered_images, settings) -> tuple[list[str], int]:
     if content is None and role == "assistant":
         return [""], used
     if isinstance(content, str):
@@ -103,10 +109,20 @@ def _render_content(content, index, role, supplied, used, ordered_images) -> tup
                 image = supplied[used]
                 used += 1
             ordered_images.append(image)
+            settings.append(_image_settings(part, where))
             parts.append(IMAGE_TAG)
         else:
             raise ChatFormatError(f"{where}: unsupported content part type {kind!r}")
     return parts, used
+
+
+def _image_settings(part: Mapping[str, Any], where: str) -> ImageSettings:
+    slices, with_id = part.get("max_slice_nums"), part.get("use_image_id")
+    if slices is not None and (not isinstance(slices, int) or isinstance(slices, bool) or not 1 <= slices <= 36):
+        raise ChatFormatError(f"{where}.max_slice_nums must be an integer between 1 and 36")
+    if with_id is not None and not isinstance(with_id, bool):
+        raise ChatFormatError(f"{where}.use_image_id must be true or false")
+    return ImageSettings(slices, with_id)
 
 
 def _checked_text(text: Any, where: str) -> str:

@@ -32,6 +32,25 @@ class Tokenizer(Protocol):
     def convert_tokens_to_ids(self, tokens: str) -> int: ...
 
 
+
+@dataclass(frozen=True)
+class ImageSettings:
+    """How one image is read: ``max_slice_nums`` (1: the whole image only; None: the request's or the
+    config's) and ``use_image_id`` (the ``<image_id>k</image_id>`` tag before it; None: the config's, true for
+    2.6; a video's frames go without)."""
+
+    max_slice_nums: int | None = None
+    use_image_id: bool | None = None
+
+
+def per_image(value, count: int, name: str) -> list:
+    """``value`` for each of ``count`` images: a scalar repeated, or a sequence of exactly ``count``."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        if len(value) != count:
+            raise ValueError(f"{name}: {len(value)} values for {count} images")
+        return list(value)
+    return [value] * count
+
 @dataclass
 class ProcessorOutput:
     """A processed batch of B samples, T = the longest sample's token count.
@@ -75,12 +94,14 @@ class MiniCPMVProcessor:
         self,
         prompt: str,
         images: Sequence[Image.Image | ProcessedImage],
-        max_slice_nums: int | None = None,
-        use_image_id: bool | None = None,
+        max_slice_nums: int | None | Sequence[int | None] = None,
+        use_image_id: bool | None | Sequence[bool | None] = None,
     ) -> tuple[str, list[ProcessedImage]]:
         """Preprocess ``images`` and replace the k-th :data:`IMAGE_TAG` of ``prompt`` by the k-th placeholder.
 
         An image that is already a :class:`ProcessedImage` (e.g. from a cache) is used as it is.
+        ``max_slice_nums`` and ``use_image_id`` are one value for every image or one per image (a video's frames
+        take ``use_image_id=False, max_slice_nums=2`` beside a page's defaults; None: the config's value).
 
         Image ids count from 0 across the whole prompt. Only the exact literal tag counts as a tag. Raises
         ``ValueError`` when the number of tags differs from the number of images, or from preprocessing.
@@ -91,13 +112,15 @@ class MiniCPMVProcessor:
             raise ValueError(
                 f"the prompt has {n_tags} image tag(s) {IMAGE_TAG!r} but {len(images)} image(s) were given"
             )
+        slices = per_image(max_slice_nums, len(images), "max_slice_nums")
+        with_ids = per_image(use_image_id, len(images), "use_image_id")
         processed = [
-            image if isinstance(image, ProcessedImage) else self.image_processor.preprocess(image, max_slice_nums)
-            for image in images
+            image if isinstance(image, ProcessedImage) else self.image_processor.preprocess(image, n)
+            for image, n in zip(images, slices, strict=True)
         ]
         parts = [pieces[0]]
         for idx, (image, text_after) in enumerate(zip(processed, pieces[1:], strict=True)):
-            parts.append(self.image_processor.placeholder(image, idx, use_image_id))
+            parts.append(self.image_processor.placeholder(image, idx, with_ids[idx]))
             parts.append(text_after)
         return "".join(parts), processed
 
@@ -105,8 +128,8 @@ class MiniCPMVProcessor:
         self,
         prompt: str,
         images: Sequence[Image.Image | ProcessedImage],
-        max_slice_nums: int | None = None,
-        use_image_id: bool | None = None,
+        max_slice_nums: int | None | Sequence[int | None] = None,
+        use_image_id: bool | None | Sequence[bool | None] = None,
     ) -> EncodedSample:
         """Expand, tokenise (no BOS, no truncation) and locate the image bounds of one sample.
 

@@ -33,7 +33,9 @@ from minicpmv.engine.vision_cache import ENCODED_DIGEST
 
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 MAX_IMAGE_PIXELS = 50_000_000
-MAX_IMAGES = 16
+# Images of one request, video frames included: the frontend's 16 images or pages plus one video's 64 frames
+# (openai_frontend/settings.py), and room for an operator who raises those.
+MAX_IMAGES = 128
 MAX_TEXT_BYTES = 1024 * 1024
 _DATA_URL = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
 

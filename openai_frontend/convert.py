@@ -6,30 +6,36 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from PIL import Image
 
-from openai_frontend import images, pdf, tools
+from openai_frontend import images, pdf, tools, video
 from openai_frontend.backend import GenerateRequest
 from openai_frontend.errors import invalid
 from openai_frontend.schemas import (
     ChatCompletionContentPartFile,
     ChatCompletionContentPartImage,
     ChatCompletionContentPartText,
+    ChatCompletionContentPartVideo,
     ChatCompletionRequest,
+    ImageURL,
+    VideoURL,
 )
 from openai_frontend.settings import Settings
 
 ROLES = ("system", "developer", "user", "assistant")
+VIDEO_SLICES = 2  # slices per video frame unless the part says otherwise (MiniCPM-V's card: 2; 1 for large videos)
 SYSTEM_ROLES = ("system", "developer")  # OpenAI's newer name for the system message
 _UNSUPPORTED = ("functions", "function_call", "logit_bias")  # legacy functions: use tools / tool_choice
 
 
 async def to_generate_request(request: ChatCompletionRequest, settings: Settings,
-                              http: httpx.AsyncClient | None = None) -> GenerateRequest:  # fmt: skip
+                              http: httpx.AsyncClient | None = None, metrics=None) -> GenerateRequest:  # fmt: skip
     for name in _UNSUPPORTED:
         if getattr(request, name) not in (None, [], {}):
             raise invalid(f"'{name}' is not supported by this server", name, code="unsupported_parameter")
@@ -48,22 +54,26 @@ async def to_generate_request(request: ChatCompletionRequest, settings: Settings
                       code="unsupported_parameter")  # fmt: skip
 
     plan = tool_plan(request)
-    messages, sources, details = _messages(request)
-    # A PDF part stands for several images (its pages); expand its placeholder once the pages are known.
-    rendered = await asyncio.gather(*(_source(src, settings, http) for src in sources))
-    encoded = [image for group in rendered for image in group]
-    if len(encoded) > settings.max_images_per_request:
-        raise invalid(f"{len(encoded)} images (PDF pages included); at most {settings.max_images_per_request} per "
+    messages, sources = _messages(request, settings)
+    videos = sum(src.kind == "video" for src in sources)
+    if videos > settings.max_videos_per_request:
+        raise invalid(f"{videos} videos; at most {settings.max_videos_per_request} per request", "messages",
+                      code="too_many_videos")  # fmt: skip
+    # A PDF part stands for several images (its pages), a video for its frames; their placeholders are expanded
+    # once those are known.
+    rendered = await asyncio.gather(*(_source(src, settings, http, metrics) for src in sources))
+    pictures = sum(len(group) for src, group in zip(sources, rendered, strict=True) if src.kind != "video")
+    if pictures > settings.max_images_per_request:
+        raise invalid(f"{pictures} images (PDF pages included); at most {settings.max_images_per_request} per "
                       "request", "messages", code="too_many_images")  # fmt: skip
-    messages = _expand_pdf_placeholders(messages, [len(group) for group in rendered])
+    encoded = [image for group in rendered for image in group]
+    messages = _expand_placeholders(messages, [len(group) for group in rendered])
 
     sampling = _sampling(request)
     if plan is not None:  # the answer is a tool-call envelope: see tools.py
         messages = tools.add_system_prompt(messages, plan)
         sampling["response_format"] = plan.response_format()
         sampling.pop("stop", None)  # a stop sequence would cut the envelope's JSON
-    if encoded and request.max_slice_nums is None and all(d == "low" for d in details):
-        sampling["max_slice_nums"] = 1  # detail "low": the whole image only, no high-resolution slices
     return GenerateRequest(
         request_id=f"chatcmpl-{uuid.uuid4().hex}",
         messages=messages,
@@ -89,19 +99,32 @@ def tool_plan(request: ChatCompletionRequest) -> tools.ToolPlan | None:
 
 @dataclass
 class _Source:
-    """Where one image part's pixels come from: an image URL, or a PDF (several pages)."""
+    """Where one part's pixels come from: an image URL, a PDF (several pages) or a video (its frames)."""
 
     url: str
     param: str
+    kind: str = "image"  # "image", "pdf" or "video"
     pdf_pages: str | None = None
-    is_pdf: bool = False
+    video: VideoURL | None = None
 
 
-def _messages(request: ChatCompletionRequest) -> tuple[list[dict[str, Any]], list[_Source], list[str]]:
-    """Messages for the backend (image parts as placeholders), the image sources with their params, details."""
+def image_settings(image_url: ImageURL, settings: Settings) -> dict[str, Any]:
+    """An image part's own reading, for the engine's image placeholder: its ``max_slice_nums`` if given, else
+    1 for ``detail: low`` (the whole image only), the server's ``high_detail_max_slice_nums`` for ``high``, and
+    nothing for ``auto`` (the request's ``max_slice_nums`` or the model's default)."""
+    if image_url.max_slice_nums is not None:
+        return {"max_slice_nums": image_url.max_slice_nums}
+    if image_url.detail == "low":
+        return {"max_slice_nums": 1}
+    if image_url.detail == "high":
+        return {"max_slice_nums": settings.high_detail_max_slice_nums}
+    return {}
+
+
+def _messages(request: ChatCompletionRequest, settings: Settings) -> tuple[list[dict[str, Any]], list[_Source]]:
+    """Messages for the backend (image, PDF and video parts as placeholders) and their sources, in order."""
     out: list[dict[str, Any]] = []
     sources: list[_Source] = []
-    details: list[str] = []
     for i, message in enumerate(request.messages):
         where = f"messages[{i}]"
         role = message.role
@@ -135,24 +158,29 @@ def _messages(request: ChatCompletionRequest) -> tuple[list[dict[str, Any]], lis
                 parts.append({"type": "text", "text": part.text})
                 continue
             if role != "user":
-                raise invalid(f"{param}: images are only allowed in user messages", param)
+                raise invalid(f"{param}: images, files and videos are only allowed in user messages", param)
             if isinstance(part, ChatCompletionContentPartImage):
                 sources.append(_Source(part.image_url.url, f"{param}.image_url.url"))
-                details.append(part.image_url.detail)
-                parts.append({"type": "image"})
+                parts.append({"type": "image", **image_settings(part.image_url, settings)})
             elif isinstance(part, ChatCompletionContentPartFile):
                 if not part.file.file_data:
                     raise invalid(f"{param}: send the file inline as file.file_data (a data: URL); file ids are "
                                   "not supported", f"{param}.file", code="unsupported_content")  # fmt: skip
-                sources.append(_Source(part.file.file_data, f"{param}.file.file_data", part.file.pages, is_pdf=True))
-                details.append("auto")
+                sources.append(_Source(part.file.file_data, f"{param}.file.file_data", "pdf", part.file.pages))
                 parts.append({"type": "pdf"})
+            elif isinstance(part, ChatCompletionContentPartVideo):
+                video = part.video_url
+                if video.max_frames is not None and video.max_frames > settings.max_video_frames:
+                    raise invalid(f"{param}.video_url.max_frames: at most {settings.max_video_frames} frames on "
+                                  "this server", f"{param}.video_url.max_frames")  # fmt: skip
+                sources.append(_Source(video.url, f"{param}.video_url.url", "video", video=video))
+                parts.append({"type": "video", "max_slice_nums": video.max_slice_nums or VIDEO_SLICES})
         out.append({"role": role, "content": parts})
     for m in out:
         m.pop("_tool_results", None)
     if not any(m["role"] in ("user", "system") for m in out):  # a system message alone is answered, as OpenAI does
         raise invalid("messages must include at least one user message (or a system message)", "messages")
-    return out, sources, details
+    return out, sources
 
 
 def _tool_result(out: list[dict[str, Any]], request: ChatCompletionRequest, i: int) -> None:
@@ -180,22 +208,33 @@ def _tool_result(out: list[dict[str, Any]], request: ChatCompletionRequest, i: i
     out[-1]["_tool_results"] = results
 
 
-def _expand_pdf_placeholders(messages: list[dict[str, Any]], counts: list[int]) -> list[dict[str, Any]]:
-    """Each ``{"type": "pdf"}`` placeholder becomes one image placeholder per rendered page."""
+def _expand_placeholders(messages: list[dict[str, Any]], counts: list[int]) -> list[dict[str, Any]]:
+    """Each ``{"type": "pdf"}`` placeholder becomes one image placeholder per rendered page, each
+    ``{"type": "video"}`` one per sampled frame, in order, without ``<image_id>`` tags (as MiniCPM-V's card
+    passes a video's frames: ``use_image_id=False``) and with the video's slicing."""
     counts_iter = iter(counts)
     for message in messages:
         if isinstance(message["content"], list):
             expanded = []
             for part in message["content"]:
-                count = next(counts_iter) if part["type"] in ("image", "pdf") else 0
-                expanded += [{"type": "image"}] * count if part["type"] == "pdf" else [part]
+                kind = part["type"]
+                count = next(counts_iter) if kind in ("image", "pdf", "video") else 0
+                if kind == "pdf":
+                    expanded += [{"type": "image"}] * count
+                elif kind == "video":
+                    frame = {"type": "image", "use_image_id": False, "max_slice_nums": part["max_slice_nums"]}
+                    expanded += [dict(frame) for _ in range(count)]
+                else:
+                    expanded.append(part)
             message["content"] = expanded
     return messages
 
 
-async def _source(source: _Source, settings: Settings, http: httpx.AsyncClient | None) -> list[bytes]:
-    if source.is_pdf:
+async def _source(source: _Source, settings: Settings, http: httpx.AsyncClient | None, metrics=None) -> list[bytes]:
+    if source.kind == "pdf":
         return await _pdf_pages(source, settings)
+    if source.kind == "video":
+        return await _video_frames(source, settings, http, metrics)
     return [await _image(source.url, source.param, settings, http)]
 
 
@@ -223,20 +262,73 @@ def _png(image) -> bytes:
     return buffer.getvalue()
 
 
-async def _image(source: str, param: str, settings: Settings, http: httpx.AsyncClient | None) -> bytes:
+def video_limits(settings: Settings) -> video.VideoLimits:
+    return video.VideoLimits(max_bytes=settings.max_video_bytes, max_seconds=settings.max_video_seconds,
+                             max_frames=settings.max_video_frames, max_frame_pixels=settings.max_video_frame_pixels,
+                             decode_timeout_s=settings.video_decode_timeout)  # fmt: skip
+
+
+async def _video_frames(source: _Source, settings: Settings, http: httpx.AsyncClient | None, metrics) -> list[bytes]:
+    """A video part -> its sampled frames, encoded for Triton. The container is checked first (bytes, duration,
+    frame size, frame count and fps) and the frames' vision tokens bounded (each frame takes up to
+    ``max_slice_nums + 1`` chunks of 64 positions) before any frame is decoded; decoding runs in a small pool
+    with a deadline (video.py)."""
+    param, part = source.param, source.video
+    limits = video_limits(settings)
+    data = await _fetch(source.url, param, settings, http, settings.max_video_bytes, "video")
+    max_frames = min(part.max_frames or limits.max_frames, limits.max_frames)
+    start = time.perf_counter()
+    try:
+        info = await video.probe_async(data, limits)
+        count = len(video.sample_indices(info.num_frames, info.average_fps, part.fps, max_frames))
+        tokens = count * ((part.max_slice_nums or VIDEO_SLICES) + 1) * 64
+        if tokens > settings.max_video_tokens:
+            raise video.VideoError(f"{count} frames of up to {(part.max_slice_nums or VIDEO_SLICES) + 1} chunks "
+                                   f"take up to {tokens} vision positions; at most {settings.max_video_tokens} per "
+                                   "video: ask for fewer frames (max_frames, fps) or slices (max_slice_nums)",
+                                   "video_too_long")  # fmt: skip
+        decoded = await video.decode_video_async(data, limits, fps=part.fps, max_frames=max_frames)
+    except video.VideoError as e:
+        if metrics is not None:
+            metrics.video_parts.labels(e.code).inc()
+        raise invalid(str(e), param, code=e.code) from None
+    if metrics is not None:
+        metrics.video_parts.labels("ok").inc()
+        metrics.video_frames.inc(decoded.frames_decoded)
+        metrics.video_decode_seconds.observe(time.perf_counter() - start)
+    return await asyncio.to_thread(lambda: [_frame_png(frame, settings) for frame in decoded.frames])
+
+
+def _frame_png(frame, settings: Settings) -> bytes:
+    """A decoded frame as PNG, downscaled to the image pixel budget first (as images are: prepare_image)."""
+    width, height = frame.size
+    if width * height > settings.image_pixel_budget:
+        scale = (settings.image_pixel_budget / (width * height)) ** 0.5
+        frame = frame.resize((max(1, int(width * scale)), max(1, int(height * scale))), Image.Resampling.LANCZOS)
+    return _png(frame)
+
+
+async def _fetch(source: str, param: str, settings: Settings, http: httpx.AsyncClient | None, max_bytes: int,
+                 what: str) -> bytes:  # fmt: skip
+    """A data URL's bytes, or an http(s) URL's where the server allows remote media (images.fetch_image's
+    allow-list, up to ``max_bytes``)."""
     scheme = source.split(":", 1)[0].lower() if ":" in source[:16] else ""
     if scheme == "data":
-        data_url = images.parse_data_url(source, max_bytes=settings.max_image_bytes, param=param)
-        if not data_url.mime.startswith("image/") and data_url.mime != "application/octet-stream":
-            raise invalid(f"expected an image data URL, got {data_url.mime}", param, code="invalid_image")
-        data = data_url.data
-    elif scheme in ("http", "https"):
+        data_url = images.parse_data_url(source, max_bytes=max_bytes, param=param)
+        if not data_url.mime.startswith(f"{what}/") and data_url.mime != "application/octet-stream":
+            raise invalid(f"expected a{'n' if what[0] in 'aeiou' else ''} {what} data URL, got {data_url.mime}",
+                          param, code=f"invalid_{what}")  # fmt: skip
+        return data_url.data
+    if scheme in ("http", "https"):
         if http is None:
-            raise invalid("image URLs are disabled on this server", param, code="remote_images_disabled")
-        data = await images.fetch_image(source, settings, http, param)
-    else:
-        raise invalid("image URLs must be data: URLs (or http(s) where the server allows them)", param,
-                      code="invalid_image_url")  # fmt: skip
+            raise invalid(f"{what} URLs are disabled on this server", param, code="remote_images_disabled")
+        return await images.fetch_image(source, settings, http, param, max_bytes=max_bytes)
+    raise invalid(f"{what} URLs must be data: URLs (or http(s) where the server allows them)", param,
+                  code=f"invalid_{what}_url")  # fmt: skip
+
+
+async def _image(source: str, param: str, settings: Settings, http: httpx.AsyncClient | None) -> bytes:
+    data = await _fetch(source, param, settings, http, settings.max_image_bytes, "image")
     return await asyncio.to_thread(images.prepare_image, data, settings, param)
 
 

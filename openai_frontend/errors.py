@@ -103,6 +103,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "invalid request", None
+    part = _unknown_content_part(errors)
+    if part is not None:
+        return part
     first = errors[0]
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None
@@ -112,6 +115,26 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if first.get("type") == "extra_forbidden":
         message = "unrecognized request argument"
     return (f"{param}: {message}" if param else message), param
+
+
+def _unknown_content_part(errors: list[dict]) -> tuple[str, str] | None:
+    """A content part of a type we don't take (``input_audio``, a typo): pydantic reports the content union's
+    first branch ("content.str: Input should be a valid string") before the part's unknown tag; name the type
+    and the ones we take instead."""
+    from openai_frontend.schemas import CONTENT_PART_TYPES
+
+    for error in errors:
+        if error.get("type") != "union_tag_invalid":
+            continue
+        # loc: body, messages, 0, content, <the union branch, "list[tagged-union[...]]">, 1
+        loc = [str(p) for p in error.get("loc", ()) if p != "body" and not str(p).startswith("list[")]
+        if "content" not in loc:
+            continue
+        part = ".".join(loc[: loc.index("content") + 2])  # messages.0.content.1
+        tag = (error.get("ctx") or {}).get("tag")
+        return (f"{part}: content part type {tag!r} is not supported; this server takes "
+                f"{', '.join(CONTENT_PART_TYPES)}", f"{part}.type")  # fmt: skip
+    return None
 
 
 def install(app: FastAPI) -> None:

@@ -97,8 +97,10 @@ def prepare_image(data: bytes, settings: Settings, param: str) -> bytes:
     return out.getvalue()
 
 
-async def fetch_image(url: str, settings: Settings, client: httpx.AsyncClient, param: str) -> bytes:
-    """An http(s) image URL's bytes, if the operator allows remote images and the host is allow-listed."""
+async def fetch_image(url: str, settings: Settings, client: httpx.AsyncClient, param: str,
+                      max_bytes: int | None = None) -> bytes:  # fmt: skip
+    """An http(s) URL's bytes (an image's; a video's with its own ``max_bytes``), if the operator allows remote
+    media and the host is allow-listed."""
     if not settings.allow_remote_images:
         raise invalid("image URLs are disabled on this server; send the image as a data: URL "
                       "(data:image/png;base64,...)", param, code="remote_images_disabled")  # fmt: skip
@@ -106,7 +108,7 @@ async def fetch_image(url: str, settings: Settings, client: httpx.AsyncClient, p
     allowed = settings.remote_image_hosts
     if "*" not in allowed and not any(host == h.lower() or host.endswith("." + h.lower()) for h in allowed):
         raise invalid(f"image host {host!r} is not on this server's allow-list", param, code="host_not_allowed")
-    limit = settings.max_image_bytes
+    limit = settings.max_image_bytes if max_bytes is None else max_bytes
     try:
         async with client.stream("GET", url, timeout=settings.remote_image_timeout) as response:
             if response.status_code != 200:

@@ -24,6 +24,13 @@ class Metrics:
                                          registry=r)  # fmt: skip
         self.in_flight = Gauge("minicpmv_frontend_requests_in_flight", "Requests being served", ["model"],
                                registry=r)  # fmt: skip
+        # Video parts (openai_frontend/video.py).
+        self.video_parts = Counter("minicpmv_frontend_video_parts", "Video parts received, by result", ["result"],
+                                   registry=r)  # fmt: skip
+        self.video_frames = Counter("minicpmv_frontend_video_frames", "Video frames decoded (every frame read, "
+                                    "sampled or not)", registry=r)  # fmt: skip
+        self.video_decode_seconds = Histogram("minicpmv_frontend_video_decode_seconds", "Decoding one video part",
+                                              buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
         # Batch API (openai_frontend/batch/runner.py); its lines also count in the request metrics above.
         self.batch_lines = Counter("minicpmv_frontend_batch_lines", "Batch lines finished, by result", ["result"],
                                    registry=r)  # fmt: skip

@@ -6,9 +6,10 @@ chat path's. The answer comes back as a ``response`` object (:func:`build_respon
 in :mod:`openai_frontend.responses_stream`.
 
 Input mapping: ``instructions`` and leading ``system``/``developer`` items -> the system message; messages
-(``input_text``, ``input_image``, ``input_file``, and ``output_text`` of earlier assistant turns) -> chat
-messages with ``text``, ``image_url`` and ``file`` parts; ``function_call`` items -> an assistant message's
-``tool_calls``; ``function_call_output`` items -> ``tool`` messages. ``text.format`` -> ``response_format``,
+(``input_text``, ``input_image``, ``input_file``, our ``input_video`` extension, and ``output_text`` of earlier
+assistant turns) -> chat messages with ``text``, ``image_url``, ``file`` and ``video_url`` parts;
+``function_call`` items -> an assistant message's ``tool_calls``; ``function_call_output`` items -> ``tool``
+messages. ``text.format`` -> ``response_format``,
 ``max_output_tokens`` -> ``max_completion_tokens``; function tools (flat shape) -> chat tools.
 
 No server-side state: ``store`` must be false or left out, ``previous_response_id`` and ``conversation`` get
@@ -215,7 +216,16 @@ def _content(content: Any, role: str, where: str) -> str | list[dict[str, Any]]:
                               "server allows it); file ids are not supported", f"{param}.image_url",
                               code="unsupported_content")  # fmt: skip
             detail = part.get("detail") if part.get("detail") in ("low", "high") else "auto"
-            parts.append({"type": "image_url", "image_url": {"url": part["image_url"], "detail": detail}})
+            image = {"url": part["image_url"], "detail": detail}
+            if part.get("max_slice_nums") is not None:  # extension, as on chat completions' image_url
+                image["max_slice_nums"] = part["max_slice_nums"]
+            parts.append({"type": "image_url", "image_url": image})
+        elif kind == "input_video":  # extension: OpenAI's Responses API takes no video; chat's video_url part
+            if not part.get("video_url"):
+                raise invalid(f"{param}: send the video as video_url (a data: URL, or http(s) where the server "
+                              "allows it)", f"{param}.video_url", code="unsupported_content")  # fmt: skip
+            extra = {k: part[k] for k in ("fps", "max_frames", "max_slice_nums") if part.get(k) is not None}
+            parts.append({"type": "video_url", "video_url": {"url": part["video_url"], **extra}})
         elif kind == "input_file":
             if not part.get("file_data"):
                 raise invalid(f"{param}: send the file inline as file_data (a data: URL); file ids and file URLs "
@@ -225,8 +235,8 @@ def _content(content: Any, role: str, where: str) -> str | list[dict[str, Any]]:
                 file["filename"] = part["filename"]
             parts.append({"type": "file", "file": file})
         else:
-            raise invalid(f"{param}.type: unsupported content type {kind!r} (use input_text, input_image or "
-                          "input_file)", f"{param}.type", code="unsupported_content")  # fmt: skip
+            raise invalid(f"{param}.type: unsupported content type {kind!r} (use input_text, input_image, "
+                          "input_file or input_video)", f"{param}.type", code="unsupported_content")  # fmt: skip
     return parts
 
 

@@ -18,6 +18,8 @@ class _Strict(BaseModel):
 class ImageURL(_Strict):
     url: str
     detail: Literal["auto", "low", "high"] = "auto"
+    # --- extension: this image's slices (overrides detail and the request's max_slice_nums)
+    max_slice_nums: int | None = Field(None, ge=1, le=36)
 
 
 class ChatCompletionContentPartText(_Strict):
@@ -43,8 +45,28 @@ class ChatCompletionContentPartFile(_Strict):
     file: FileData
 
 
+class VideoURL(_Strict):
+    """A video (as vLLM takes it): a data URL, or http(s) where the server allows remote media. Extensions:
+    frames per second to sample (default 1, as MiniCPM-V's card does), the most frames to keep (default and
+    maximum: the server's, 64), slices per frame (default 2, the card's; 1 for large videos)."""
+
+    url: str
+    fps: float | None = Field(None, gt=0, le=30)
+    max_frames: int | None = Field(None, ge=1)
+    max_slice_nums: int | None = Field(None, ge=1, le=36)
+
+
+class ChatCompletionContentPartVideo(_Strict):
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+# The part types we take, as a client would write them (unknown ones get a 400 naming these: errors.py).
+CONTENT_PART_TYPES = ("text", "image_url", "file", "video_url")
+
 ContentPart = Annotated[
-    ChatCompletionContentPartText | ChatCompletionContentPartImage | ChatCompletionContentPartFile,
+    ChatCompletionContentPartText | ChatCompletionContentPartImage | ChatCompletionContentPartFile
+    | ChatCompletionContentPartVideo,
     Field(discriminator="type"),
 ]
 

@@ -56,6 +56,22 @@ class Settings(BaseSettings):
     pdf_max_pages: int = Field(16, ge=1)
     max_pdf_bytes: int = Field(50 * 2**20, ge=1)
 
+    # Image detail: "low" reads an image whole (1 slice), "high" in up to this many slices, "auto" as the model
+    # is configured (9 by default); an image part's max_slice_nums overrides both.
+    high_detail_max_slice_nums: int = Field(9, ge=1, le=36)
+
+    # Video parts (video_url): decoded here (PyAV), sampled at ~1 frame per second as MiniCPM-V's card does, at
+    # most max_video_frames frames, each read in up to 2 slices by default. Checked from the container before
+    # any frame is decoded: bytes, duration, frame size, and the frames' vision tokens (at most
+    # max_video_tokens); decoding stops after video_decode_timeout seconds.
+    max_videos_per_request: int = Field(1, ge=0)
+    max_video_bytes: int = Field(50 * 2**20, ge=1)
+    max_video_seconds: float = Field(600.0, gt=0)
+    max_video_frames: int = Field(64, ge=1, le=256)
+    max_video_frame_pixels: int = Field(3840 * 2160, ge=1)
+    max_video_tokens: int = Field(64 * 3 * 64, ge=64, description="vision positions of one video's frames")
+    video_decode_timeout: float = Field(60.0, gt=0)
+
     # http(s) image URLs: off unless an operator enables them; hosts must be on the allow-list ("*": any).
     allow_remote_images: bool = False
     remote_image_hosts: CommaList = Field(default_factory=list)

@@ -55,7 +55,7 @@ from minicpmv.engine.scheduler import Scheduler
 from minicpmv.engine.structured import GrammarCompilerCache, GrammarState
 from minicpmv.engine.vision_cache import VisionCache
 from minicpmv.image_processing import ImageProcessor
-from minicpmv.processing import MiniCPMVProcessor
+from minicpmv.processing import ImageSettings, MiniCPMVProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -200,11 +200,17 @@ class Engine:
                 raise InvalidRequestError("give either messages or prompt")
             if request.messages is not None:
                 chat = format_chat(request.messages, self.tokenizer, request.images)
-                prompt, pil_images = chat.prompt, chat.images
+                prompt, pil_images, settings = chat.prompt, chat.images, chat.image_settings
             else:
                 prompt, pil_images = request.prompt, list(request.images)
-            images = [self.encoder.image_input(image, max_slice_nums, i) for i, image in enumerate(pil_images)]
-            encoded = self.processor.encode(prompt, [i.processed for i in images], max_slice_nums)
+                settings = [ImageSettings()] * len(pil_images)
+            # Per image: its part's slicing, else the request's, else the config's (the vision cache and the
+            # prefix cache key images by content and this value); its part's <image_id> choice.
+            slices = [s.max_slice_nums or max_slice_nums for s in settings]
+            images = [self.encoder.image_input(image, n, i)
+                      for i, (image, n) in enumerate(zip(pil_images, slices, strict=True))]  # fmt: skip
+            encoded = self.processor.encode(prompt, [i.processed for i in images], slices,
+                                            [s.use_image_id for s in settings])  # fmt: skip
         except (ChatFormatError, ValueError) as e:
             raise InvalidRequestError(str(e)) from e
         prompt_len = len(encoded.input_ids)

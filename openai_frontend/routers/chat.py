@@ -37,7 +37,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
                                  registry: RegistryDep, chat: ChatDep):  # fmt: skip
     try:
         model = await registry.resolve(body.model)
-        generate = await to_generate_request(body, settings, request.app.state.http)
+        generate = await to_generate_request(body, settings, request.app.state.http, request.app.state.metrics)
     except APIError as e:  # counted here; failures after this point are counted by the chat service
         request.app.state.metrics.requests.labels(body.model, str(e.status)).inc()
         raise

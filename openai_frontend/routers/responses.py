@@ -33,7 +33,8 @@ async def create_response(body: ResponsesRequest, request: Request, settings: Se
     try:
         model = await registry.resolve(body.model)
         chat_request, origins = to_chat_request(body)
-        generate = await to_generate_request(chat_request, settings, request.app.state.http)
+        generate = await to_generate_request(chat_request, settings, request.app.state.http,
+                                                  request.app.state.metrics)
     except APIError as e:  # counted here; failures after this point are counted by the chat service
         request.app.state.metrics.requests.labels(body.model, str(e.status)).inc()
         raise restate(e, origins) from None
