@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from PIL import Image
 
 from openai_frontend import images, pdf, tools, video
 from openai_frontend.backend import GenerateRequest
@@ -263,9 +262,11 @@ def _png(image) -> bytes:
 
 
 def video_limits(settings: Settings) -> video.VideoLimits:
+    """The settings' limits on one video; frames are scaled to the image pixel budget as they are decoded."""
     return video.VideoLimits(max_bytes=settings.max_video_bytes, max_seconds=settings.max_video_seconds,
                              max_frames=settings.max_video_frames, max_frame_pixels=settings.max_video_frame_pixels,
-                             decode_timeout_s=settings.video_decode_timeout)  # fmt: skip
+                             decode_timeout_s=settings.video_decode_timeout,
+                             max_output_pixels=settings.image_pixel_budget)  # fmt: skip
 
 
 async def _video_frames(source: _Source, settings: Settings, http: httpx.AsyncClient | None, metrics) -> list[bytes]:
@@ -280,7 +281,7 @@ async def _video_frames(source: _Source, settings: Settings, http: httpx.AsyncCl
     start = time.perf_counter()
     try:
         info = await video.probe_async(data, limits)
-        count = len(video.sample_indices(info.num_frames, info.average_fps, part.fps, max_frames))
+        count = len(video.sample_indices(info.frame_count, info.average_fps, part.fps, max_frames))
         tokens = count * ((part.max_slice_nums or VIDEO_SLICES) + 1) * 64
         if tokens > settings.max_video_tokens:
             raise video.VideoError(f"{count} frames of up to {(part.max_slice_nums or VIDEO_SLICES) + 1} chunks "
@@ -296,16 +297,7 @@ async def _video_frames(source: _Source, settings: Settings, http: httpx.AsyncCl
         metrics.video_parts.labels("ok").inc()
         metrics.video_frames.inc(decoded.frames_decoded)
         metrics.video_decode_seconds.observe(time.perf_counter() - start)
-    return await asyncio.to_thread(lambda: [_frame_png(frame, settings) for frame in decoded.frames])
-
-
-def _frame_png(frame, settings: Settings) -> bytes:
-    """A decoded frame as PNG, downscaled to the image pixel budget first (as images are: prepare_image)."""
-    width, height = frame.size
-    if width * height > settings.image_pixel_budget:
-        scale = (settings.image_pixel_budget / (width * height)) ** 0.5
-        frame = frame.resize((max(1, int(width * scale)), max(1, int(height * scale))), Image.Resampling.LANCZOS)
-    return _png(frame)
+    return await asyncio.to_thread(lambda: [_png(frame) for frame in decoded.frames])
 
 
 async def _fetch(source: str, param: str, settings: Settings, http: httpx.AsyncClient | None, max_bytes: int,
