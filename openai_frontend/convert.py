@@ -306,7 +306,8 @@ async def _fetch(source: str, param: str, settings: Settings, http: httpx.AsyncC
     allow-list, up to ``max_bytes``)."""
     scheme = source.split(":", 1)[0].lower() if ":" in source[:16] else ""
     if scheme == "data":
-        data_url = images.parse_data_url(source, max_bytes=max_bytes, param=param)
+        too_large = "file_too_large" if what == "image" else f"{what}_too_large"  # images: as before
+        data_url = images.parse_data_url(source, max_bytes=max_bytes, param=param, too_large=too_large)
         if not data_url.mime.startswith(f"{what}/") and data_url.mime != "application/octet-stream":
             raise invalid(f"expected a{'n' if what[0] in 'aeiou' else ''} {what} data URL, got {data_url.mime}",
                           param, code=f"invalid_{what}")  # fmt: skip
@@ -314,7 +315,7 @@ async def _fetch(source: str, param: str, settings: Settings, http: httpx.AsyncC
     if scheme in ("http", "https"):
         if http is None:
             raise invalid(f"{what} URLs are disabled on this server", param, code="remote_images_disabled")
-        return await images.fetch_image(source, settings, http, param, max_bytes=max_bytes)
+        return await images.fetch_image(source, settings, http, param, max_bytes=max_bytes, what=what)
     raise invalid(f"{what} URLs must be data: URLs (or http(s) where the server allows them)", param,
                   code=f"invalid_{what}_url")  # fmt: skip
 

@@ -30,14 +30,15 @@ class DataURL:
     data: bytes
 
 
-def parse_data_url(url: str, *, max_bytes: int, param: str) -> DataURL:
-    """``data:<mime>;base64,<payload>`` -> its bytes. Base64 only; at most ``max_bytes`` decoded bytes."""
+def parse_data_url(url: str, *, max_bytes: int, param: str, too_large: str = "file_too_large") -> DataURL:
+    """``data:<mime>;base64,<payload>`` -> its bytes. Base64 only; at most ``max_bytes`` decoded bytes (else a
+    400 with the code ``too_large``)."""
     match = _DATA_URL.match(url[:256])
     if match is None or not match.group("b64"):
         raise invalid("expected a base64 data URL (data:<type>;base64,...)", param)
     payload = url[match.end():]
     if len(payload) * 3 // 4 > max_bytes + 3:
-        raise invalid(f"the file is larger than the limit of {max_bytes} bytes", param, code="file_too_large")
+        raise invalid(f"the file is larger than the limit of {max_bytes} bytes", param, code=too_large)
     try:
         data = base64.b64decode(re.sub(r"\s+", "", payload), validate=True)
     except (binascii.Error, ValueError):
@@ -98,9 +99,9 @@ def prepare_image(data: bytes, settings: Settings, param: str) -> bytes:
 
 
 async def fetch_image(url: str, settings: Settings, client: httpx.AsyncClient, param: str,
-                      max_bytes: int | None = None) -> bytes:  # fmt: skip
-    """An http(s) URL's bytes (an image's; a video's with its own ``max_bytes``), if the operator allows remote
-    media and the host is allow-listed."""
+                      max_bytes: int | None = None, what: str = "image") -> bytes:  # fmt: skip
+    """An http(s) URL's bytes (an image's; a video's with ``what="video"`` and its own ``max_bytes``), if the
+    operator allows remote media and the host is allow-listed."""
     if not settings.allow_remote_images:
         raise invalid("image URLs are disabled on this server; send the image as a data: URL "
                       "(data:image/png;base64,...)", param, code="remote_images_disabled")  # fmt: skip
@@ -112,20 +113,20 @@ async def fetch_image(url: str, settings: Settings, client: httpx.AsyncClient, p
     try:
         async with client.stream("GET", url, timeout=settings.remote_image_timeout) as response:
             if response.status_code != 200:
-                raise invalid(f"fetching the image returned HTTP {response.status_code}", param,
+                raise invalid(f"fetching the {what} returned HTTP {response.status_code}", param,
                               code="image_fetch_failed")  # fmt: skip
             length = response.headers.get("content-length")
             if length is not None and length.isdigit() and int(length) > limit:
-                raise invalid(f"the image is larger than the limit of {limit} bytes", param, code="image_too_large")
+                raise invalid(f"the {what} is larger than the limit of {limit} bytes", param, code=f"{what}_too_large")
             body = bytearray()
             async for chunk in response.aiter_bytes():
                 body += chunk
                 if len(body) > limit:
-                    raise invalid(f"the image is larger than the limit of {limit} bytes", param,
-                                  code="image_too_large")  # fmt: skip
+                    raise invalid(f"the {what} is larger than the limit of {limit} bytes", param,
+                                  code=f"{what}_too_large")  # fmt: skip
     except httpx.TimeoutException:
-        raise invalid(f"fetching the image timed out after {settings.remote_image_timeout} s", param,
+        raise invalid(f"fetching the {what} timed out after {settings.remote_image_timeout} s", param,
                       code="image_fetch_failed") from None  # fmt: skip
     except httpx.HTTPError as e:
-        raise invalid(f"fetching the image failed: {type(e).__name__}", param, code="image_fetch_failed") from None
+        raise invalid(f"fetching the {what} failed: {type(e).__name__}", param, code="image_fetch_failed") from None
     return bytes(body)

@@ -76,11 +76,18 @@ def test_messages_become_placeholders_with_images_in_order():
     assert g.images == [a, b]  # small images pass through byte for byte
 
 
-def test_detail_low_on_every_image_turns_slicing_off():
-    part = {"type": "image_url", "image_url": {"url": url(png()), "detail": "low"}}
-    assert convert({"messages": [{"role": "user", "content": [part]}]}).sampling == {"max_slice_nums": 1}
-    high = {"type": "image_url", "image_url": {"url": url(png()), "detail": "high"}}
-    assert convert({"messages": [{"role": "user", "content": [part, high]}]}).sampling == {}
+def test_detail_is_read_per_image():
+    """low: the whole image only (1 slice); high: the server's high_detail_max_slice_nums; auto: nothing (the
+    request's max_slice_nums or the model's default); an image's max_slice_nums overrides its detail."""
+    def image(**extra):
+        return {"type": "image_url", "image_url": {"url": url(png()), **extra}}
+
+    g = convert({"messages": [{"role": "user", "content": [
+        image(detail="low"), image(detail="high"), image(), image(detail="low", max_slice_nums=4)]}],
+        "max_slice_nums": 6})  # fmt: skip
+    assert g.messages[0]["content"] == [{"type": "image", "max_slice_nums": 1}, {"type": "image", "max_slice_nums": 9},
+                                        {"type": "image"}, {"type": "image", "max_slice_nums": 4}]  # fmt: skip
+    assert g.sampling == {"max_slice_nums": 6}  # the request's value: for the images that give none
 
 
 @pytest.mark.parametrize(
