@@ -35,6 +35,12 @@ class EngineConfig:
     "auto" (the model's dtype) or "fp8" (e4m3, scale 1, values clamped to +-448 as they are stored: half the KV
     bytes, twice the tokens; read only by the Triton paged kernel, so it needs that backend, and sm_89 or later
     on CUDA; off by default until measured on a GPU).
+    LoRA adapters (engine/lora.py, minicpmv/lora.py): on with ``enable_lora`` or when ``lora_modules`` lists some
+    ("name=path,name2=path2", registered at start-up); ``max_loras`` resident on the device at once (the slots
+    are allocated before the KV cache, so the cache budget leaves room for them), ranks up to ``max_lora_rank``,
+    on the LLM layers ``lora_target_modules`` names ("attention": q/k/v/o, the official recipe's; "all": + the
+    MLP; or a comma list); ``lora_dir``: the directory adapters may be loaded from at runtime (unset: no
+    runtime loading).
     """
 
     max_num_seqs: int = 16
@@ -55,6 +61,16 @@ class EngineConfig:
     cuda_graphs: bool = True
     cuda_graph_max_len: int = 8192
     kv_cache_dtype: str = "auto"
+    enable_lora: bool = False
+    lora_modules: str | None = None
+    max_loras: int = 4
+    max_lora_rank: int = 64
+    lora_target_modules: str = "attention"
+    lora_dir: str | None = None
+
+    @property
+    def lora_enabled(self) -> bool:
+        return bool(self.enable_lora or (self.lora_modules or "").strip())
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "default_max_tokens", "block_size",
@@ -65,6 +81,8 @@ class EngineConfig:
                      "max_encoder_slices_per_step"):  # fmt: skip
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1 (or unset)")
+        if self.max_loras < 1 or not 1 <= self.max_lora_rank <= 512:
+            raise ValueError("EngineConfig.max_loras must be >= 1 and max_lora_rank in 1..512")
         if self.kv_cache_dtype not in ("auto", "fp8"):
             raise ValueError(f"EngineConfig.kv_cache_dtype must be 'auto' or 'fp8', got {self.kv_cache_dtype!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

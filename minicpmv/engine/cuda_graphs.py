@@ -110,6 +110,7 @@ class StaticDecodeMetadata:
     slot_mapping: torch.Tensor  # [B]
     slots: torch.Tensor  # [B, K]
     mask: torch.Tensor  # [B, 1, 1, K]
+    lora_slots: torch.Tensor | None = None  # [B] each row's LoRA slot (-1: none)
 
 
 @dataclass
@@ -125,6 +126,7 @@ class StaticPagedMetadata:
     num_splits: int  # fixed per batch size (DecodeGraphs.splits)
     prefill_tiles: None = None
     fresh: None = None
+    lora_slots: torch.Tensor | None = None  # [B] each row's LoRA slot (-1: none)
 
 
 class StaticDecodeAttention:
@@ -159,6 +161,7 @@ class DecodeGraphs:
         max_batch, max_width = self.batch_sizes[-1], self.widths[-1]
         self.ids = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.positions = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self.lora_slots = torch.full((max_batch,), -1, dtype=torch.long, device=device)  # padding rows: none
         self.tables = torch.full((max_batch, max_width), scratch_block, dtype=torch.long, device=device)
         if paged is not None:
             rows = torch.arange(max_batch + 1, device=device)
@@ -189,12 +192,12 @@ class DecodeGraphs:
             blocks = tables.gather(1, (positions // self.block_size)[:, None])[:, 0]
             meta = StaticPagedMetadata(blocks * self.block_size + positions % self.block_size, tables, positions + 1,
                                        self._cu_q[: batch + 1], self._tiles[:batch], self.block_size,
-                                       self.splits[batch])  # fmt: skip
+                                       self.splits[batch], lora_slots=self.lora_slots[:batch])  # fmt: skip
         else:
             slots = (tables[:, :, None] * self.block_size + self._offsets).view(batch, -1)  # [B, K]
             rows = torch.arange(batch, device=self.device)
             mask = (self._keys[: width * self.block_size][None, :] <= positions[:, None])[:, None, None, :]
-            meta = StaticDecodeMetadata(slots[rows, positions], slots, mask)
+            meta = StaticDecodeMetadata(slots[rows, positions], slots, mask, self.lora_slots[:batch])
         forward = self._forward()
         if forward is None:
             raise RuntimeError("the model runner of these CUDA graphs is gone")
@@ -209,17 +212,18 @@ class DecodeGraphs:
         width = next(w for w in self.widths if w >= blocks)
         return batch, width
 
-    def run(self, ids: list[int], positions: list[int], block_tables: list[list[int]]) -> torch.Tensor | None:
-        """Logits [n, V] for a decode step of n sequences (one token each, at ``positions``); None when no
-        bucket holds it (the caller runs it eagerly). The logits are a view of the graph's output buffer,
-        valid until the next step."""
+    def run(self, ids: list[int], positions: list[int], block_tables: list[list[int]],
+            lora_slots: list[int] | None = None) -> torch.Tensor | None:  # fmt: skip
+        """Logits [n, V] for a decode step of n sequences (one token each, at ``positions``, with LoRA slots
+        ``lora_slots``, -1 for none); None when no bucket holds it (the caller runs it eagerly). The logits are
+        a view of the graph's output buffer, valid until the next step."""
         n = len(ids)
         bucket = self.bucket(n, max(positions) + 1)
         if bucket is None:
             return None
         batch, width = bucket
         self.num_steps += 1
-        self._load(ids, positions, block_tables, batch, width)
+        self._load(ids, positions, block_tables, batch, width, lora_slots)
         entry = self.graphs.get(bucket)
         if entry is None:  # not captured (the CPU, or a capture that failed): the same arithmetic, eagerly
             return self._static_forward(batch, width)[:n]
@@ -227,13 +231,16 @@ class DecodeGraphs:
         self.num_replays += 1
         return self.logits[:n]
 
-    def _load(self, ids, positions, block_tables, batch: int, width: int) -> None:
+    def _load(self, ids, positions, block_tables, batch: int, width: int, lora_slots=None) -> None:
         """One host->device copy (pinned, non-blocking) of ids, positions and tables, built with NumPy; padding
         rows and columns point at the scratch block (padding rows decode token 0 at position 0 there)."""
         n = len(ids)
-        step = np.zeros((2, batch), dtype=np.int64)
+        step = np.zeros((3, batch), dtype=np.int64)
         step[0, :n] = ids
         step[1, :n] = positions
+        step[2] = -1
+        if lora_slots is not None:
+            step[2, :n] = lora_slots
         used = np.zeros(batch, dtype=np.int64)
         used[:n] = step[1, :n] // self.block_size + 1
         if self.paged is not None:
@@ -243,6 +250,7 @@ class DecodeGraphs:
         staged, staged_table = staging.upload([step, table], self.device)
         self.ids[:batch].copy_(staged[0])
         self.positions[:batch].copy_(staged[1])
+        self.lora_slots[:batch].copy_(staged[2])
         self.tables[:batch, :width].copy_(staged_table)
 
     # ---------------------------------------------------------------- capture
@@ -264,6 +272,7 @@ class DecodeGraphs:
                 self.tables[:batch, :width].fill_(self.scratch_block)
                 self.ids[:batch].zero_()
                 self.positions[:batch].zero_()
+                self.lora_slots[:batch].fill_(-1)
                 with torch.cuda.stream(stream):
                     warm = self._static_forward(batch, width)  # warm-up: lazy inits, kernel selection
                     if self.logits is None:  # the largest batch comes first

@@ -25,21 +25,28 @@ class ImageEncoder:
         self.image_processor = image_processor
         self.vision_cache = vision_cache
         self.slices_per_step = slices_per_step
+        # A LoRA adapter's own vision tower (engine/lora.py), by adapter name, while it is resident.
+        self.vision_for = lambda name: None
 
     # ---------------------------------------------------------------- caller's thread
 
-    def image_input(self, image, max_slice_nums: int | None, index: int) -> ImageInput:
+    def image_input(self, image, max_slice_nums: int | None, index: int, adapter: str | None = None,
+                    salt: str | None = None) -> ImageInput:  # fmt: skip
         """The image's cached layout and embeddings, or its slices. An image opened lazily (header only) is
-        decoded here, on a miss only. Raises ValueError for a file that does not decode (the request's error)."""
+        decoded here, on a miss only. ``adapter``: a LoRA adapter with its own vision tower encodes it, and its
+        cache key carries ``salt`` (an embedding of another tower must never be a hit). Raises ValueError for a
+        file that does not decode (the request's error)."""
         key = image_key(image, max_slice_nums)
+        if adapter is not None:
+            key = f"{key}@{salt}"
         cached = self.vision_cache.get(key)
         if cached is not None:
-            return ImageInput(key, cached.layout, cached.embeds)
+            return ImageInput(key, cached.layout, cached.embeds, adapter=adapter)
         try:
             image.load()
         except (OSError, SyntaxError) as e:
             raise ValueError(f"image {index}: not a decodable image ({type(e).__name__}: {e})") from e
-        return ImageInput(key, self.image_processor.preprocess(image, max_slice_nums))
+        return ImageInput(key, self.image_processor.preprocess(image, max_slice_nums), adapter=adapter)
 
     @staticmethod
     def content_spans(images: list[ImageInput], bounds: list[tuple[int, int]]) -> list[tuple[int, int, str]]:
@@ -92,7 +99,10 @@ class ImageEncoder:
                     first, left, budget = first + count, left - count, budget - count
             if budget <= 0:
                 break
-        calls = [[work] for work in own] + ([shared] if shared else [])
+        groups: dict[str | None, list] = {}  # one call per vision tower: the base's, or an adapter's own
+        for work in shared:
+            groups.setdefault(work[0].adapter, []).append(work)
+        calls = [[work] for work in own] + list(groups.values())
         for work in calls:
             self._encode(work)
         if calls:
@@ -106,8 +116,12 @@ class ImageEncoder:
                   for chunk in image.processed.chunks[first : first + n]]  # fmt: skip
         sizes = torch.cat([torch.as_tensor(image.processed.tgt_sizes).reshape(-1, 2)[first : first + n]
                            for image, first, n in work])  # fmt: skip
+        owner = work[0][0].adapter
+        tower = self.model if owner is None else self.vision_for(owner)
+        if tower is None:
+            raise RuntimeError(f"LoRA adapter {owner!r} is not resident while its images are encoded")
         with torch.inference_mode():
-            encoded = self.model.encode_images(pixels, sizes)
+            encoded = tower.encode_images(pixels, sizes)
         offset = 0
         for image, _, n in work:
             image.encoded.append(encoded[offset : offset + n])

@@ -23,6 +23,7 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -33,11 +34,13 @@ from minicpmv.engine.detokenizer import IncrementalDetokenizer
 from minicpmv.engine.encoder import ImageEncoder
 from minicpmv.engine.errors import (
     ENGINE_SHUT_DOWN,
+    AdapterNotFoundError,
     ContextLengthError,
     EngineStoppedError,
     InvalidRequestError,
     QueueFullError,
 )
+from minicpmv.engine.lora import AdapterInfo, LoRAManager, parse_modules, parse_targets
 from minicpmv.engine.model_runner import ModelRunner
 from minicpmv.engine.output_processor import OutputProcessor
 from minicpmv.engine.request import (
@@ -55,6 +58,7 @@ from minicpmv.engine.scheduler import Scheduler
 from minicpmv.engine.structured import GrammarCompilerCache, GrammarState
 from minicpmv.engine.vision_cache import VisionCache
 from minicpmv.image_processing import ImageProcessor
+from minicpmv.lora import AdapterError, LoRAAdapter
 from minicpmv.processing import ImageSettings, MiniCPMVProcessor
 
 logger = logging.getLogger(__name__)
@@ -73,13 +77,18 @@ class Engine:
                                   attention_backend=cfg.attention_backend, cuda_graphs=cfg.cuda_graphs,
                                   max_num_seqs=cfg.max_num_seqs,
                                   cuda_graph_max_len=min(cfg.cuda_graph_max_len, self.max_model_len),
-                                  max_model_len=self.max_model_len, kv_cache_dtype=cfg.kv_cache_dtype)  # fmt: skip
+                                  max_model_len=self.max_model_len, kv_cache_dtype=cfg.kv_cache_dtype,
+                                  lora=(cfg.max_loras, cfg.max_lora_rank, parse_targets(cfg.lora_target_modules))
+                                  if cfg.lora_enabled else None)  # fmt: skip
         self.block_manager = BlockManager(self.runner.pool.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens,
                                    cfg.max_prefill_attention_pairs)  # fmt: skip
         self.vision_cache = VisionCache(cfg.vision_cache_size)
         slices = cfg.max_encoder_slices_per_step or max(1, cfg.max_num_batched_tokens // model.config.query_num)
         self.encoder = ImageEncoder(model, image_processor, self.vision_cache, slices)
+        self.lora: LoRAManager | None = None
+        if cfg.lora_enabled:
+            self._start_lora(parse_modules(cfg.lora_modules))
         self.grammars = GrammarCompilerCache(tokenizer, model.config.vocab_size)
         self.logits_processor = LogitsProcessor(tokenizer, model.config.vocab_size, self.runner.device)
         self._incoming: deque[RequestState] = deque()  # submitted, not yet handed to the scheduler
@@ -121,6 +130,53 @@ class Engine:
         """Requests not handed to the scheduler yet plus sequences waiting for admission (a snapshot: lengths
         only, safe from any thread)."""
         return len(self._incoming) + len(self.scheduler.waiting)
+
+    # ---------------------------------------------------------------- LoRA adapters
+
+    def _start_lora(self, modules: dict[str, str]) -> None:
+        self.lora = LoRAManager(self.model, self.runner.lora, self.config.max_lora_rank)
+        manager = self.lora
+        self.runner.lora_embeddings = lambda slot: manager.slot_entry(slot).embeddings
+        self.encoder.vision_for = lambda name: manager.adapters[name].vision
+        self.scheduler.admissible = self._admit_adapter
+        self.scheduler.on_leave = self._release_adapter
+        for name, path in modules.items():
+            self.lora.register(name, path)  # AdapterError: the server does not start, saying why
+
+    def _admit_adapter(self, seq: Sequence) -> bool:
+        name = seq.request.request.adapter
+        if name is None:
+            return True
+        slot = self.lora.acquire(name)
+        seq.lora_slot = slot
+        return slot is not None
+
+    def _release_adapter(self, seq: Sequence) -> None:
+        if seq.lora_slot is not None:
+            self.lora.release(seq.lora_slot)
+            seq.lora_slot = None
+
+    def load_adapter(self, name: str, path: str) -> AdapterInfo:
+        """Register the adapter at ``path`` (under ``lora_dir``) as ``name`` at runtime; AdapterError (a 400)
+        when it can't be used or LoRA / runtime loading is off, nothing changed then."""
+        if self.lora is None:
+            raise AdapterError("LoRA is off on this engine (enable_lora)")
+        if not self.config.lora_dir:
+            raise AdapterError("loading adapters at runtime is off on this engine (lora_dir is not set)")
+        root = Path(self.config.lora_dir).resolve()
+        target = (root / path).resolve()
+        if not target.is_relative_to(root):
+            raise AdapterError(f"adapter {name!r}: {path!r} is outside the adapter directory")
+        return self.lora.register(name, target)
+
+    def unload_adapter(self, name: str) -> None:
+        """Unregister ``name`` (AdapterNotFoundError if unknown; AdapterError while requests use it)."""
+        if self.lora is None or name not in self.lora.names():
+            raise AdapterNotFoundError(f"no LoRA adapter {name!r}", param="lora_name")
+        self.lora.unregister(name)
+
+    def adapters(self) -> list[AdapterInfo]:
+        return [] if self.lora is None else [self.lora.info(name) for name in self.lora.names()]
 
     def stats(self) -> dict[str, float]:
         """Counters and gauges for metrics: running and waiting sequences, KV blocks, prefix-cache tokens looked
@@ -195,6 +251,7 @@ class Engine:
         params = request.sampling
         params.validate()
         max_slice_nums = request.max_slice_nums or self.config.default_max_slice_nums
+        adapter, salt = self._adapter_of(request)
         try:
             if (request.messages is None) == (request.prompt is None):
                 raise InvalidRequestError("give either messages or prompt")
@@ -207,7 +264,8 @@ class Engine:
             # Per image: its part's slicing, else the request's, else the config's (the vision cache and the
             # prefix cache key images by content and this value); its part's <image_id> choice.
             slices = [s.max_slice_nums or max_slice_nums for s in settings]
-            images = [self.encoder.image_input(image, n, i)
+            vision_adapter = adapter.name if adapter is not None and adapter.has_vision else None
+            images = [self.encoder.image_input(image, n, i, vision_adapter, salt)
                       for i, (image, n) in enumerate(zip(pil_images, slices, strict=True))]  # fmt: skip
             encoded = self.processor.encode(prompt, [i.processed for i in images], slices,
                                             [s.use_image_id for s in settings])  # fmt: skip
@@ -236,6 +294,7 @@ class Engine:
                 raise InvalidRequestError(str(e), param="response_format") from e
         state = RequestState(request, encoded.input_ids, encoded.image_bounds, images, max_tokens, callback)
         state.prompt = prompt
+        state.cache_salt = None if salt is None else salt.encode()
         state.content_spans = self.encoder.content_spans(images, encoded.image_bounds)
         self.encoder.finish(state)
         for index in range(params.n):
@@ -250,6 +309,19 @@ class Engine:
                 logprobs=[] if params.logprobs else None,
             ))  # fmt: skip
         return state
+
+    def _adapter_of(self, request: GenerationRequest) -> tuple[LoRAAdapter | None, str | None]:
+        """The request's adapter and the salt of its cache keys ("lora:<name>:<uid>"; a name loaded again gets
+        a new uid), or (None, None) for the base model."""
+        if request.adapter is None:
+            return None, None
+        if self.lora is None or request.adapter not in self.lora.names():
+            raise AdapterNotFoundError(f"no LoRA adapter {request.adapter!r} on this model", param="model")
+        info = self.lora.info(request.adapter)
+        with self.lora.lock:
+            entry = self.lora.adapters[request.adapter]
+            entry.requests += 1
+        return entry.adapter, f"lora:{info.name}:{info.uid}"
 
     def _generator(self, seed: int) -> torch.Generator:
         """A seeded choice's own randomness (the sampler draws unseeded rows from a shared generator)."""

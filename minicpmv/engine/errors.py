@@ -51,6 +51,12 @@ class ContextLengthError(InvalidRequestError):
     code = "context_length_exceeded"
 
 
+class AdapterNotFoundError(InvalidRequestError):
+    """The request names a LoRA adapter this engine has not registered (the frontend answers 404)."""
+
+    code = "adapter_not_found"
+
+
 class QueueFullError(EngineError):
     """Too many requests are waiting; retry later."""
 

@@ -13,6 +13,7 @@ graph capture) runs with this runner's GPU current, so nothing lands on, or crea
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +22,7 @@ import torch
 from minicpmv.engine.attention import AttentionMetadata, select_backend
 from minicpmv.engine.cuda_graphs import DecodeGraphs, StaticDecodeAttention, StaticPagedMetadata
 from minicpmv.engine.kv_pool import KVPool, PoolShape, fp8_kv_dtype, pool_bytes
+from minicpmv.engine.lora import LoRAStacks
 from minicpmv.engine.request import Sequence
 from minicpmv.engine.staging import device_scope
 from minicpmv.modeling.minicpmv import MiniCPMV
@@ -49,13 +51,15 @@ class ModelRunner:
                  num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
                  attention_backend: str = "auto", cuda_graphs: bool = True, max_num_seqs: int = 16,
                  cuda_graph_max_len: int = 8192, max_model_len: int | None = None,
-                 static_decode: bool | None = None, kv_cache_dtype: str = "auto"):  # fmt: skip
+                 static_decode: bool | None = None, kv_cache_dtype: str = "auto",
+                 lora: tuple[int, int, tuple[str, ...]] | None = None):  # fmt: skip
         """``cuda_graphs``: replay pure decode steps as CUDA graphs (cuda_graphs.py; CUDA only) for batches up to
         ``max_num_seqs`` and contexts up to ``max_model_len`` with the paged kernel (one graph per batch size),
         else up to ``cuda_graph_max_len`` (gathered keys, a graph per context bucket). ``static_decode`` runs
         those steps through the graphs' static-shape forward without capture (default: where graphs are
         captured); on the CPU that is how tests check the arithmetic the graphs replay. ``kv_cache_dtype``
-        "fp8": an e4m3 pool, read by the paged kernel only (the backend must be it)."""
+        "fp8": an e4m3 pool, read by the paged kernel only (the backend must be it). ``lora``: (slots, rank,
+        target modules) of the LoRA stacks (engine/lora.py), allocated before the pool; None: no LoRA."""
         with device_scope(model.device):  # the pool, the backend's self-test and timing, the capture
             self.model = model
             cfg = model.config
@@ -67,6 +71,9 @@ class ModelRunner:
             self.dtype = model.dtype
             exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim
             self.inv_freq = (1.0 / (cfg.rope_theta**exponent)).to(self.device)
+            self.lora = LoRAStacks(model, *lora, self.device, self.dtype) if lora else None
+            # The rows' own token embeddings, by LoRA slot, for adapters that bring a table (engine.py sets it).
+            self.lora_embeddings: Callable[[int], torch.Tensor | None] = lambda slot: None
             kv_dtype = fp8_kv_dtype(self.device, self.dtype) if kv_cache_dtype == "fp8" else self.dtype
             shape = PoolShape(self.num_layers, self.num_kv_heads, self.head_dim, block_size, kv_dtype)
             capture = cuda_graphs and self.device.type == "cuda"
@@ -107,13 +114,14 @@ class ModelRunner:
             return self._execute(batch)
 
     def _execute(self, batch: list[ScheduledSeq]) -> torch.Tensor:
-        ids, query_lens, context_lens, tables, sample_rows = [], [], [], [], []
+        ids, query_lens, context_lens, tables, sample_rows, slots = [], [], [], [], [], []
         vision_rows: list[np.ndarray] = []  # packed rows of image placeholder positions (host integers)
         vision_embeds: list[torch.Tensor] = []  # their embeddings
         total = 0
         for entry in batch:
             seq, start, length = entry.seq, entry.seq.num_computed_tokens, entry.num_tokens
             ids.extend(seq.token_ids_range(start, start + length))
+            slots.append(-1 if seq.lora_slot is None else seq.lora_slot)
             query_lens.append(length)
             context_lens.append(start + length)
             tables.append(seq.block_table)
@@ -129,45 +137,72 @@ class ModelRunner:
             total += length
             if entry.sample:
                 sample_rows.append(total - 1)
-        if self.decode_graphs is not None and not vision_rows and all(e.sample and e.num_tokens == 1 for e in batch):
-            logits = self.decode_graphs.run(ids, [ctx - 1 for ctx in context_lens], tables)
+        lora = self.lora is not None and any(slot >= 0 for slot in slots)
+        tables_of = {slot: self.lora_embeddings(slot) for slot in set(slots) if slot >= 0} if lora else {}
+        own_embeddings = {slot for slot, table in tables_of.items() if table is not None}
+        if (self.decode_graphs is not None and not vision_rows and not own_embeddings
+                and all(e.sample and e.num_tokens == 1 for e in batch)):  # fmt: skip
+            logits = self.decode_graphs.run(ids, [ctx - 1 for ctx in context_lens], tables, slots)
             if logits is not None:
                 return logits
         device = self.device
+        row_slots = np.repeat(np.asarray(slots, dtype=np.int64), query_lens) if lora else None
         meta = AttentionMetadata.build(query_lens, context_lens, tables, self.pool.block_size, device, input_ids=ids,
                                        sample_rows=sample_rows,
                                        vision_rows=np.concatenate(vision_rows) if vision_rows else None,
-                                       tiling=self._tiling)  # fmt: skip
+                                       tiling=self._tiling, lora_slots=row_slots)  # fmt: skip
         embeds = self.model.llm.model.embed_tokens(meta.input_ids)
+        for slot in own_embeddings:  # an adapter's own token embeddings, for its rows
+            rows = np.flatnonzero(row_slots == slot)
+            index = torch.from_numpy(rows).to(device)
+            embeds.index_copy_(0, index, tables_of[slot].index_select(0, meta.input_ids.index_select(0, index)))
         if vision_rows:
             rows = torch.cat(vision_embeds).to(device=device, dtype=embeds.dtype)
             embeds.index_copy_(0, meta.vision_rows, rows)
-        hidden = self._layers(embeds, meta.positions, meta, self.attention)
+        mask = self.lora.mask(meta.lora_slots) if lora else None
+        hidden = self._layers(embeds, meta.positions, meta, self.attention, mask)
         return self._logits(self.model.llm.model.norm(hidden.index_select(0, meta.sample_rows)))
 
     def _forward_static(self, ids: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
         """The decode forward of cuda_graphs.py: one token per row, every row sampled; device work only."""
         attention = self.attention if isinstance(meta, StaticPagedMetadata) else self._static_attention
-        hidden = self._layers(self.model.llm.model.embed_tokens(ids), positions, meta, attention)
+        mask = self.lora.mask(meta.lora_slots) if self.lora is not None else None  # no adapter: a zero mask
+        hidden = self._layers(self.model.llm.model.embed_tokens(ids), positions, meta, attention, mask)
         return self._logits(self.model.llm.model.norm(hidden))
 
     _static_attention = StaticDecodeAttention()
 
-    def _layers(self, hidden: torch.Tensor, positions: torch.Tensor, meta, attention) -> torch.Tensor:
+    def _layers(self, hidden: torch.Tensor, positions: torch.Tensor, meta, attention,
+                lora_mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """The decoder layers over the packed rows; with ``lora_mask`` (LoRAStacks.mask of the rows' slots) each
+        target projection adds its rows' LoRA term."""
         total = hidden.shape[0]
         cos, sin = self._rope(positions)
         for index, layer in enumerate(self.model.llm.model.layers):
             attn = layer.self_attn
+
+            def project(name: str, x: torch.Tensor, module, index: int = index) -> torch.Tensor:
+                y = module(x)
+                if lora_mask is not None and name in self.lora.targets:
+                    y = y + self.lora.delta(f"layers.{index}.{name}", x, lora_mask)
+                return y
+
             x = layer.input_layernorm(hidden)
-            q = attn.q_proj(x).view(total, self.num_heads, self.head_dim)
-            k = attn.k_proj(x).view(total, self.num_kv_heads, self.head_dim)
-            v = attn.v_proj(x).view(total, self.num_kv_heads, self.head_dim)
+            q = project("q_proj", x, attn.q_proj).view(total, self.num_heads, self.head_dim)
+            k = project("k_proj", x, attn.k_proj).view(total, self.num_kv_heads, self.head_dim)
+            v = project("v_proj", x, attn.v_proj).view(total, self.num_kv_heads, self.head_dim)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             self.pool.store(index, meta.slot_mapping, k, v)
             out = attention(q, k, v, self.pool.keys[index], self.pool.values[index], meta)
-            hidden = hidden + attn.o_proj(out.reshape(total, -1))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = hidden + project("o_proj", out.reshape(total, -1), attn.o_proj)
+            x = layer.post_attention_layernorm(hidden)
+            if lora_mask is None or not {"gate_proj", "up_proj", "down_proj"} & set(self.lora.targets):
+                hidden = hidden + layer.mlp(x)
+            else:  # Qwen2MLP's arithmetic, with the LoRA terms of its projections
+                mlp = layer.mlp
+                gated = mlp.act_fn(project("gate_proj", x, mlp.gate_proj)) * project("up_proj", x, mlp.up_proj)
+                hidden = hidden + project("down_proj", gated, mlp.down_proj)
         return hidden
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:

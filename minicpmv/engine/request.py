@@ -34,6 +34,7 @@ class GenerationRequest:
     images: list[Image.Image] = field(default_factory=list)
     sampling: SamplingParams = field(default_factory=SamplingParams)
     max_slice_nums: int | None = None
+    adapter: str | None = None  # a registered LoRA adapter's name (None: the base model)
 
 
 @dataclass
@@ -94,6 +95,7 @@ class ImageInput:
     processed: ProcessedImage
     embeds: torch.Tensor | None = None
     encoded: list[torch.Tensor] = field(default_factory=list)
+    adapter: str | None = None  # encoded by this LoRA adapter's own vision tower (None: the base's)
 
     @property
     def slices_done(self) -> int:
@@ -121,6 +123,7 @@ class Sequence:
     num_computed_tokens: int = 0
     block_keys: list[bytes] = field(default_factory=list)
     num_preemptions: int = 0
+    lora_slot: int | None = None  # while running with an adapter: its slot (engine/lora.py)
     # Owned by the output thread (output_processor.py): tokens emitted, and whether the last delta went out.
     num_emitted: int = 0
     output_finished: bool = False
@@ -181,6 +184,8 @@ class RequestState:
         self.vision_positions: torch.Tensor | None = None
         self.vision_embeds: torch.Tensor | None = None
         self.vision_end = 0
+        # A LoRA adapter's KV differs from the base's: its blocks' prefix-cache keys start from this salt.
+        self.cache_salt: bytes | None = None
         self.unfinished = request.sampling.n
         self._callback = callback
         self._queue: queue.Queue[Delta | None] = queue.Queue()

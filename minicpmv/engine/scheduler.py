@@ -57,6 +57,10 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the newest is preempted first
         self.num_preemptions = 0
+        # Hooks of the engine's LoRA slots: ``admissible(seq)`` takes what a sequence needs to run (False: it
+        # waits, and younger sequences may go first); ``on_leave(seq)`` gives it back when it stops running.
+        self.admissible: Callable[[Sequence], bool] = lambda seq: True
+        self.on_leave: Callable[[Sequence], None] = lambda seq: None
 
     @property
     def block_size(self) -> int:
@@ -90,17 +94,22 @@ class Scheduler:
                 budget -= self._add_chunk(seq, budget, batch)
         # One free block kept per decoding sequence (admitted ones are prefilling, so the count holds).
         reserve = sum(1 for s in self.running if not s.is_prefilling)
+        skipped: list[Sequence] = []  # waiting for an adapter slot: younger sequences may go first
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             cached = [] if seq.seeded else self.blocks.cached_prefix(self.block_keys(seq), seq.num_tokens)
             if not self.blocks.can_allocate(seq.num_tokens, cached, reserve=reserve):
                 break
+            if not self.admissible(seq):
+                skipped.append(self.waiting.popleft())
+                continue
             self.waiting.popleft()
             seq.block_table = self.blocks.allocate(seq.num_tokens, cached)
             seq.num_computed_tokens = len(cached) * self.block_size
             self.running.append(seq)
             if images_ready(seq):
                 budget -= self._add_chunk(seq, budget, batch)
+        self.waiting.extendleft(reversed(skipped))  # back at the front, in their order
         return batch
 
     def _add_chunk(self, seq: Sequence, budget: int, batch: list[ScheduledSeq]) -> int:
@@ -165,6 +174,7 @@ class Scheduler:
     def preempt(self, seq: Sequence) -> None:
         """Free ``seq``'s blocks and queue it first for a recompute of its prompt and outputs so far."""
         self.running.remove(seq)
+        self.on_leave(seq)
         self.blocks.free(seq.block_table)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
@@ -189,6 +199,7 @@ class Scheduler:
         """``seq`` is done (finished or cancelled): it leaves the queues and its blocks are freed."""
         if seq in self.running:
             self.running.remove(seq)
+            self.on_leave(seq)
         else:
             try:
                 self.waiting.remove(seq)
@@ -208,5 +219,6 @@ class Scheduler:
             start, end = index * size, (index + 1) * size
             contents = [(content, max(start, a) - a, max(a - start, 0)) for a, b, content in spans
                         if a < end and b > start]  # fmt: skip
-            keys.append(block_key(keys[-1] if keys else None, seq.token_ids_range(start, end), contents))
+            parent = keys[-1] if keys else seq.request.cache_salt
+            keys.append(block_key(parent, seq.token_ids_range(start, end), contents))
         return keys[:count]
