@@ -69,6 +69,7 @@ class AttentionMetadata:
     fresh: tuple | None = None  # (rows [F], cu [G + 1], longest): prompts with nothing cached, left to varlen
     max_decode_context: int = 0  # the longest context among single-token sequences (host)
     lora_slots: torch.Tensor | None = None  # [T] each row's LoRA slot (-1: none), when the step has adapters
+    lora_tiles: torch.Tensor | None = None  # [N, 3] the LoRA kernels' row segments (first row, rows, slot)
 
     @property
     def cu_q(self) -> torch.Tensor:
@@ -79,7 +80,8 @@ class AttentionMetadata:
     def build(cls, query_lens: list[int], context_lens: list[int], block_tables: Sequence[Sequence[int]],
               block_size: int, device: torch.device, *, input_ids: Sequence[int] | None = None,
               sample_rows: Sequence[int] | None = None, vision_rows: np.ndarray | None = None,
-              tiling: Tiling | None = None, lora_slots: np.ndarray | None = None) -> AttentionMetadata:  # fmt: skip
+              tiling: Tiling | None = None, lora_slots: np.ndarray | None = None,
+              lora_tiles: np.ndarray | None = None) -> AttentionMetadata:  # fmt: skip
         """``tiling``: the paged kernels' tile shapes (``TritonAttention.tiling``): their tiles are built and
         the gathers' slot tensors are not."""
         device = torch.device(device)
@@ -101,7 +103,7 @@ class AttentionMetadata:
         if decode.size:
             arrays |= {"decode_rows": starts[decode], "decode_index": decode, "decode_lengths": ctx[decode]}
         optional = {"input_ids": input_ids, "sample_rows": sample_rows, "vision_rows": vision_rows,
-                    "lora_slots": lora_slots}  # fmt: skip
+                    "lora_slots": lora_slots, "lora_tiles": lora_tiles}  # fmt: skip
         arrays |= {name: np.asarray(value, dtype=np.int64) for name, value in optional.items() if value is not None}
         if tiling is not None:
             arrays |= tiling.arrays(q, ctx, starts)
@@ -114,7 +116,7 @@ class AttentionMetadata:
         meta = cls(list(query_lens), list(context_lens), on_device["slot_mapping"], slots, on_device["positions"],
                    input_ids=on_device.get("input_ids"), sample_rows=on_device.get("sample_rows"),
                    vision_rows=on_device.get("vision_rows"), cu_seqlens=on_device["cu"],
-                   lora_slots=on_device.get("lora_slots"))  # fmt: skip
+                   lora_slots=on_device.get("lora_slots"), lora_tiles=on_device.get("lora_tiles"))  # fmt: skip
         if decode.size:
             meta.decode_rows = on_device["decode_rows"]
             # Only as wide as the longest decoding context: a long prompt prefilled in the same step must not
@@ -133,7 +135,7 @@ class AttentionMetadata:
         meta = cls(list(query_lens), list(context_lens), on_device["slot_mapping"], None, on_device["positions"],
                    input_ids=on_device.get("input_ids"), sample_rows=on_device.get("sample_rows"),
                    vision_rows=on_device.get("vision_rows"), cu_seqlens=on_device["cu"], block_size=block_size,
-                   lora_slots=on_device.get("lora_slots"),
+                   lora_slots=on_device.get("lora_slots"), lora_tiles=on_device.get("lora_tiles"),
                    block_table=on_device["table"], seq_lens=on_device["seq_lens"],
                    decode_tiles=on_device["decode_tiles"], prefill_tiles=on_device["prefill_tiles"],
                    max_decode_context=int(ctx[decode].max()) if decode.any() else 0)  # fmt: skip

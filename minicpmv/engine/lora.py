@@ -67,10 +67,26 @@ def parse_modules(text: str | None) -> dict[str, str]:
     return modules
 
 
-class LoRAStacks:
-    """The device stacks of ``slots`` adapters of rank up to ``rank`` for the ``targets`` of every layer."""
+@dataclass
+class LoRAStep:
+    """What a step's LoRA terms need: the row mask (torch path) or the tile table and the split count of
+    each input width (the Triton kernels, kernels/lora.py)."""
 
-    def __init__(self, model, slots: int, rank: int, targets: tuple[str, ...], device, dtype):
+    mask: torch.Tensor | None = None  # [T, S * R]
+    tiles: torch.Tensor | None = None  # [N, 3] int32 (first row, rows, slot)
+    splits: dict[int, int] = field(default_factory=dict)  # in_features -> shrink splits
+
+
+class LoRAStacks:
+    """The device stacks of ``slots`` adapters of rank up to ``rank`` for the ``targets`` of every layer.
+
+    Two ways to add a step's LoRA terms, same arithmetic: the masked two-matmul over all slots (torch, any
+    device; the reference) and, where ``kernel`` (default: on CUDA, if they agree with the torch path on a
+    start-up self-test), the Triton shrink/expand kernels over the step's segments of rows (kernels/lora.py),
+    which read only each row's own adapter."""
+
+    def __init__(self, model, slots: int, rank: int, targets: tuple[str, ...], device, dtype,
+                 kernel: bool | None = None):  # fmt: skip
         self.slots, self.rank, self.targets = slots, rank, targets
         self.device, self.dtype = torch.device(device), dtype
         layers = model.llm.model.layers
@@ -83,6 +99,46 @@ class LoRAStacks:
                 self.a[key] = torch.zeros(slots * rank, linear.in_features, device=self.device, dtype=dtype)
                 self.b[key] = torch.zeros(linear.out_features, slots * rank, device=self.device, dtype=dtype)
         self._column_slot = torch.arange(slots * rank, device=self.device) // rank
+        self.sm_count = (torch.cuda.get_device_properties(self.device).multi_processor_count
+                         if self.device.type == "cuda" else 0)  # fmt: skip
+        self.kernel = False
+        self.selection = "torch (masked matmuls over the slots)"
+        if kernel or (kernel is None and self.device.type == "cuda"):
+            error = self._kernel_self_test()
+            if error is None:
+                self.kernel = True
+                self.selection = "Triton shrink/expand kernels (passed the self-test)"
+            elif kernel:
+                raise RuntimeError(f"the LoRA kernels are not usable here: {error}")
+            else:
+                self.selection = f"torch: the LoRA kernels are not usable here ({error})"
+                logger.warning("LoRA: %s", self.selection)
+        logger.info("LoRA: %d slots of rank %d on %s, %.1f MiB; %s", slots, rank, ", ".join(targets),
+                    self.nbytes / 2**20, self.selection)  # fmt: skip
+
+    def _kernel_self_test(self) -> str | None:
+        """None if the kernels agree with the masked matmuls on random stacks and rows of three slots and none
+        (relative to the result's scale, as attention.py's self-test); else what differs."""
+        from minicpmv.engine.attention import mismatch
+        from minicpmv.engine.kernels import lora as kernels
+
+        generator = torch.Generator().manual_seed(0)
+        slots, rank, width, out = 3, min(self.rank, 16), 96, 80
+        a = torch.randn(slots * rank, width, generator=generator).to(self.device, self.dtype)
+        b = (torch.randn(out, slots * rank, generator=generator) / rank).to(self.device, self.dtype)
+        x = torch.randn(21, width, generator=generator).to(self.device, self.dtype)
+        rows = [0] * 5 + [-1] * 3 + [2] * 9 + [1] * 2 + [0] * 2
+        mask = (torch.arange(slots * rank, device=self.device)[None, :] // rank
+                == torch.tensor(rows, device=self.device)[:, None]).to(self.dtype)  # fmt: skip
+        expected = ((x @ a.T) * mask) @ b.T
+        try:
+            got = torch.zeros_like(expected)
+            tiles = torch.from_numpy(kernels.segment_tiles(rows)).to(self.device)
+            kernels.lora_delta(x, a.view(slots, rank, width), b.view(out, slots, rank).transpose(0, 1), got, tiles,
+                               num_splits=2)  # fmt: skip
+        except Exception as e:  # noqa: BLE001 (any failure means: not usable here)
+            return f"{type(e).__name__}: {e}"
+        return mismatch(got, expected)
 
     @property
     def nbytes(self) -> int:
@@ -101,13 +157,34 @@ class LoRAStacks:
                 self.a[key][slot * self.rank : slot * self.rank + r].copy_(a)
                 self.b[key][:, slot * self.rank : slot * self.rank + r].copy_(b)
 
-    def mask(self, row_slots: torch.Tensor) -> torch.Tensor:
-        """[T, S * R] in the model dtype: 1 where a column belongs to the row's slot (-1: a row of no adapter)."""
-        return (self._column_slot[None, :] == row_slots[:, None]).to(self.dtype)
+    def step(self, row_slots: torch.Tensor, tiles: torch.Tensor | None = None) -> LoRAStep:
+        """A step's LoRA state from its rows' slots [T] (device; -1: no adapter). For the kernels, ``tiles``
+        (segment_tiles of the host's slots, on the device) or, when None, one tile per row (a decode step)."""
+        if not self.kernel:
+            return LoRAStep(mask=(self._column_slot[None, :] == row_slots[:, None]).to(self.dtype))
+        from minicpmv.engine.kernels import lora as kernels
 
-    def delta(self, key: str, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The LoRA term of layer-module ``key`` for the rows of ``x`` [T, in]: [T, out]."""
-        return ((x @ self.a[key].T) * mask) @ self.b[key].T
+        if tiles is None:  # one row per tile; rows of no adapter: 0-row tiles (no-ops), shapes fixed by T
+            rows = torch.arange(row_slots.shape[0], device=self.device)
+            tiles = torch.stack([rows, (row_slots >= 0).long(), row_slots.clamp(min=0)], dim=1)
+        tiles = tiles.to(torch.int32).contiguous()
+        widths = {self.a[key].shape[1] for key in self.a}
+        splits = {w: kernels.shrink_splits(tiles.shape[0], w, self.sm_count) for w in widths}
+        return LoRAStep(tiles=tiles, splits=splits)
+
+    def add(self, key: str, x: torch.Tensor, y: torch.Tensor, step: LoRAStep) -> torch.Tensor:
+        """``y`` (the base layer's output for the rows of ``x`` [T, in]) plus the rows' LoRA terms of
+        layer-module ``key``."""
+        if step.mask is not None:
+            return y + ((x @ self.a[key].T) * step.mask) @ self.b[key].T
+        from minicpmv.engine.kernels import lora as kernels
+
+        a, b = self.a[key], self.b[key]
+        slots, rank = self.slots, self.rank
+        kernels.lora_delta(x.contiguous(), a.view(slots, rank, a.shape[1]),
+                           b.view(b.shape[0], slots, rank).transpose(0, 1), y, step.tiles,
+                           num_splits=step.splits[a.shape[1]])  # fmt: skip
+        return y
 
 
 def _linear(layer, name: str):

@@ -22,7 +22,7 @@ import torch
 from minicpmv.engine.attention import AttentionMetadata, select_backend
 from minicpmv.engine.cuda_graphs import DecodeGraphs, StaticDecodeAttention, StaticPagedMetadata
 from minicpmv.engine.kv_pool import KVPool, PoolShape, fp8_kv_dtype, pool_bytes
-from minicpmv.engine.lora import LoRAStacks
+from minicpmv.engine.lora import LoRAStacks, LoRAStep
 from minicpmv.engine.request import Sequence
 from minicpmv.engine.staging import device_scope
 from minicpmv.modeling.minicpmv import MiniCPMV
@@ -52,14 +52,16 @@ class ModelRunner:
                  attention_backend: str = "auto", cuda_graphs: bool = True, max_num_seqs: int = 16,
                  cuda_graph_max_len: int = 8192, max_model_len: int | None = None,
                  static_decode: bool | None = None, kv_cache_dtype: str = "auto",
-                 lora: tuple[int, int, tuple[str, ...]] | None = None):  # fmt: skip
+                 lora: tuple[int, int, tuple[str, ...]] | None = None, lora_kernel: bool | None = None):  # fmt: skip
         """``cuda_graphs``: replay pure decode steps as CUDA graphs (cuda_graphs.py; CUDA only) for batches up to
         ``max_num_seqs`` and contexts up to ``max_model_len`` with the paged kernel (one graph per batch size),
         else up to ``cuda_graph_max_len`` (gathered keys, a graph per context bucket). ``static_decode`` runs
         those steps through the graphs' static-shape forward without capture (default: where graphs are
         captured); on the CPU that is how tests check the arithmetic the graphs replay. ``kv_cache_dtype``
         "fp8": an e4m3 pool, read by the paged kernel only (the backend must be it). ``lora``: (slots, rank,
-        target modules) of the LoRA stacks (engine/lora.py), allocated before the pool; None: no LoRA."""
+        target modules) of the LoRA stacks (engine/lora.py), allocated before the pool; None: no LoRA.
+        ``lora_kernel``: the Triton LoRA kernels (default: on CUDA if they pass their self-test; True on the CPU
+        runs them under Triton's interpreter, for tests)."""
         with device_scope(model.device):  # the pool, the backend's self-test and timing, the capture
             self.model = model
             cfg = model.config
@@ -71,7 +73,7 @@ class ModelRunner:
             self.dtype = model.dtype
             exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim
             self.inv_freq = (1.0 / (cfg.rope_theta**exponent)).to(self.device)
-            self.lora = LoRAStacks(model, *lora, self.device, self.dtype) if lora else None
+            self.lora = LoRAStacks(model, *lora, self.device, self.dtype, kernel=lora_kernel) if lora else None
             # The rows' own token embeddings, by LoRA slot, for adapters that bring a table (engine.py sets it).
             self.lora_embeddings: Callable[[int], torch.Tensor | None] = lambda slot: None
             kv_dtype = fp8_kv_dtype(self.device, self.dtype) if kv_cache_dtype == "fp8" else self.dtype
@@ -147,10 +149,15 @@ class ModelRunner:
                 return logits
         device = self.device
         row_slots = np.repeat(np.asarray(slots, dtype=np.int64), query_lens) if lora else None
+        lora_tiles = None
+        if lora and self.lora.kernel:  # the kernels' segments of rows, built here with the step's other integers
+            from minicpmv.engine.kernels.lora import segment_tiles
+
+            lora_tiles = segment_tiles(row_slots)
         meta = AttentionMetadata.build(query_lens, context_lens, tables, self.pool.block_size, device, input_ids=ids,
                                        sample_rows=sample_rows,
                                        vision_rows=np.concatenate(vision_rows) if vision_rows else None,
-                                       tiling=self._tiling, lora_slots=row_slots)  # fmt: skip
+                                       tiling=self._tiling, lora_slots=row_slots, lora_tiles=lora_tiles)  # fmt: skip
         embeds = self.model.llm.model.embed_tokens(meta.input_ids)
         for slot in own_embeddings:  # an adapter's own token embeddings, for its rows
             rows = np.flatnonzero(row_slots == slot)
@@ -159,22 +166,23 @@ class ModelRunner:
         if vision_rows:
             rows = torch.cat(vision_embeds).to(device=device, dtype=embeds.dtype)
             embeds.index_copy_(0, meta.vision_rows, rows)
-        mask = self.lora.mask(meta.lora_slots) if lora else None
-        hidden = self._layers(embeds, meta.positions, meta, self.attention, mask)
+        step = self.lora.step(meta.lora_slots, meta.lora_tiles) if lora else None
+        hidden = self._layers(embeds, meta.positions, meta, self.attention, step)
         return self._logits(self.model.llm.model.norm(hidden.index_select(0, meta.sample_rows)))
 
     def _forward_static(self, ids: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
         """The decode forward of cuda_graphs.py: one token per row, every row sampled; device work only."""
         attention = self.attention if isinstance(meta, StaticPagedMetadata) else self._static_attention
-        mask = self.lora.mask(meta.lora_slots) if self.lora is not None else None  # no adapter: a zero mask
-        hidden = self._layers(self.model.llm.model.embed_tokens(ids), positions, meta, attention, mask)
+        # Rows of no adapter (-1, padding rows too) add nothing: a zero mask, or no-op tiles.
+        step = self.lora.step(meta.lora_slots) if self.lora is not None else None
+        hidden = self._layers(self.model.llm.model.embed_tokens(ids), positions, meta, attention, step)
         return self._logits(self.model.llm.model.norm(hidden))
 
     _static_attention = StaticDecodeAttention()
 
     def _layers(self, hidden: torch.Tensor, positions: torch.Tensor, meta, attention,
-                lora_mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-        """The decoder layers over the packed rows; with ``lora_mask`` (LoRAStacks.mask of the rows' slots) each
+                lora: LoRAStep | None = None) -> torch.Tensor:  # fmt: skip
+        """The decoder layers over the packed rows; with ``lora`` (LoRAStacks.step of the rows' slots) each
         target projection adds its rows' LoRA term."""
         total = hidden.shape[0]
         cos, sin = self._rope(positions)
@@ -183,8 +191,8 @@ class ModelRunner:
 
             def project(name: str, x: torch.Tensor, module, index: int = index) -> torch.Tensor:
                 y = module(x)
-                if lora_mask is not None and name in self.lora.targets:
-                    y = y + self.lora.delta(f"layers.{index}.{name}", x, lora_mask)
+                if lora is not None and name in self.lora.targets:
+                    y = self.lora.add(f"layers.{index}.{name}", x, y, lora)
                 return y
 
             x = layer.input_layernorm(hidden)
@@ -197,7 +205,7 @@ class ModelRunner:
             out = attention(q, k, v, self.pool.keys[index], self.pool.values[index], meta)
             hidden = hidden + project("o_proj", out.reshape(total, -1), attn.o_proj)
             x = layer.post_attention_layernorm(hidden)
-            if lora_mask is None or not {"gate_proj", "up_proj", "down_proj"} & set(self.lora.targets):
+            if lora is None or not {"gate_proj", "up_proj", "down_proj"} & set(self.lora.targets):
                 hidden = hidden + layer.mlp(x)
             else:  # Qwen2MLP's arithmetic, with the LoRA terms of its projections
                 mlp = layer.mlp

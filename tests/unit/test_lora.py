@@ -26,6 +26,8 @@ from minicpmv.lora import AdapterError, load_adapter
 from minicpmv.tokenizer import load_tokenizer
 from tests.unit.test_engine_core import page
 
+# Triton's interpreter (the LoRA kernels' test) turns 1-element arrays into ints, which numpy >= 1.25 deprecates.
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 ATTENTION = r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
 ALL_LINEAR = r"llm\..*layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
 _ids = itertools.count()
@@ -278,3 +280,35 @@ def served_logprobs(engine: Engine, adapter: str | None, sampling: dict) -> list
     assert choice.error is None, choice.error
     entry = choice.logprobs[0]
     return [entry.logprob] + [logprob for _, _, logprob in entry.top]
+
+
+def test_the_triton_lora_kernels_give_the_torch_paths_answers(tiny_full, adapters, monkeypatch):
+    """The engine with the LoRA kernels (under Triton's interpreter here; on CUDA by default when they pass
+    their self-test) against the masked matmuls: a mixed batch of two adapters and the base, prefill and
+    decode, and the static (CUDA-graph) decode forward with its one-tile-per-row table."""
+    import functools
+
+    from minicpmv.engine import engine as engine_module
+    from minicpmv.engine.model_runner import ModelRunner
+
+    modules = f"invoices={adapters['invoices']},statements={adapters['statements']}"
+    config = engine_config(lora_modules=modules, lora_target_modules="all", max_num_batched_tokens=64)
+    reference = Engine.from_pretrained(tiny_full, dtype="float32", config=config)
+    monkeypatch.setattr(engine_module, "ModelRunner", functools.partial(ModelRunner, lora_kernel=True,
+                                                                        static_decode=True))  # fmt: skip
+    kernel = Engine.from_pretrained(tiny_full, dtype="float32", config=config)
+    try:
+        assert kernel.runner.lora.kernel and not reference.runner.lora.kernel
+        names = ["invoices", None, "statements"]
+        results = []
+        for engine in (reference, kernel):
+            handles = [engine.submit(request(name, f"Question {i}?", max_tokens=3)) for i, name in enumerate(names)]
+            results.append([h.result().choices[0] for h in handles])
+        for theirs, ours in zip(*results, strict=True):
+            assert ours.error is None and ours.token_ids == theirs.token_ids
+            torch.testing.assert_close(torch.tensor([e.logprob for e in ours.logprobs]),
+                                       torch.tensor([e.logprob for e in theirs.logprobs]), rtol=0, atol=1e-4)  # fmt: skip
+        assert kernel.runner.decode_graphs.num_steps > 0  # decode steps went through the static forward
+    finally:
+        reference.shutdown()
+        kernel.shutdown()

@@ -289,9 +289,10 @@ def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, out: torch.Ten
 
 def lora_delta_reference(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, row_slots) -> torch.Tensor:
     """``delta [T, out]`` in float32 (float64 for float64 inputs), one slot at a time in plain torch: what the
-    kernels add to ``out`` (``out += delta`` rounds once, as they do). Zero rows for slot -1."""
+    kernels add to ``out`` (``out += delta`` rounds once, as they do). Zero rows for slot -1. ``row_slots``: a
+    list, array or tensor of T ints."""
     dtype = torch.promote_types(x.dtype, torch.float32)
-    slots = torch.as_tensor(np.asarray(row_slots, dtype=np.int64), device=x.device)
+    slots = torch.as_tensor(row_slots, dtype=torch.int64, device=x.device)
     delta = torch.zeros((x.shape[0], B.shape[1]), dtype=dtype, device=x.device)
     for slot in torch.unique(slots).tolist():
         if slot < 0:
