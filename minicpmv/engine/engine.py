@@ -173,7 +173,11 @@ class Engine:
         """Unregister ``name`` (AdapterNotFoundError if unknown; AdapterError while requests use it)."""
         if self.lora is None or name not in self.lora.names():
             raise AdapterNotFoundError(f"no LoRA adapter {name!r}", param="lora_name")
-        self.lora.unregister(name)
+        with self._cv:  # queued or running requests of it would find it gone
+            if any(state.request.adapter == name for state in self._requests.values()):
+                raise AdapterError(f"adapter {name!r} is in use by queued or running requests; try again when "
+                                   "they finish")  # fmt: skip
+            self.lora.unregister(name)
 
     def adapters(self) -> list[AdapterInfo]:
         return [] if self.lora is None else [self.lora.info(name) for name in self.lora.names()]

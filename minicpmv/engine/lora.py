@@ -197,17 +197,22 @@ class AdapterVision(nn.Module):
 
     def __init__(self, model, state: dict[str, torch.Tensor]):
         super().__init__()
+        self.check(model)
         self.config = model.config
         self.vpm = copy.deepcopy(model.vpm)
         self.resampler = copy.deepcopy(model.resampler)
         own = {k: v for k, v in state.items() if k.startswith(("vpm.", "resampler."))}
-        for module in (self.vpm, self.resampler):
-            for sub in module.modules():
-                if type(sub).__module__.startswith("bitsandbytes"):
-                    raise AdapterError("an adapter with its own vision tower is not served over a 4-bit base yet")
         missing = self.load_state_dict(own, strict=False)
         if missing.unexpected_keys:
             raise AdapterError(f"unexpected vision weights: {missing.unexpected_keys[:5]}")
+
+    @staticmethod
+    def check(model) -> None:
+        """Raises AdapterError where an adapter's own vision tower can't be served over this base: its float
+        weights would go into the base's 4-bit (bitsandbytes) layers."""
+        for module in (model.vpm, model.resampler):
+            if any(type(sub).__module__.startswith("bitsandbytes") for sub in module.modules()):
+                raise AdapterError("an adapter with its own vision tower is not served over a 4-bit base yet")
 
     @property
     def device(self) -> torch.device:
@@ -276,7 +281,10 @@ class LoRAManager:
             raise AdapterError(f"adapter {name!r}: LoRA on {', '.join(outside)}; this server serves LoRA on "
                                f"{', '.join(self.stacks.targets)} (lora_target_modules)")  # fmt: skip
         if adapter.has_vision:
-            AdapterVision(self.model, adapter.vision)  # checks now (e.g. a 4-bit base), built again when resident
+            try:
+                AdapterVision.check(self.model)  # now, not when a request first needs it
+            except AdapterError as e:
+                raise AdapterError(f"adapter {name!r}: {e}") from None
         with self.lock:
             old = self.adapters.get(name)
             if old is not None:
