@@ -35,6 +35,8 @@ class EngineConfig:
     "auto" (the model's dtype) or "fp8" (e4m3, scale 1, values clamped to +-448 as they are stored: half the KV
     bytes, twice the tokens; read only by the Triton paged kernel, so it needs that backend, and sm_89 or later
     on CUDA; off by default until measured on a GPU).
+    ``json_any_whitespace``: JSON mode, JSON schemas and tool envelopes allow whitespace between JSON tokens
+    (at most 16 characters each: xgrammar's permissive form); default off: compact JSON (structured.py).
     LoRA adapters (engine/lora.py, minicpmv/lora.py): on with ``enable_lora`` or when ``lora_modules`` lists some
     ("name=path,name2=path2", registered at start-up); ``max_loras`` resident on the device at once (the slots
     are allocated before the KV cache, so the cache budget leaves room for them), ranks up to ``max_lora_rank``,
@@ -61,6 +63,7 @@ class EngineConfig:
     cuda_graphs: bool = True
     cuda_graph_max_len: int = 8192
     kv_cache_dtype: str = "auto"
+    json_any_whitespace: bool = False
     enable_lora: bool = False
     lora_modules: str | None = None
     max_loras: int = 4

@@ -89,7 +89,7 @@ class Engine:
         self.lora: LoRAManager | None = None
         if cfg.lora_enabled:
             self._start_lora(parse_modules(cfg.lora_modules))
-        self.grammars = GrammarCompilerCache(tokenizer, model.config.vocab_size)
+        self.grammars = GrammarCompilerCache(tokenizer, model.config.vocab_size, any_whitespace=cfg.json_any_whitespace)
         self.logits_processor = LogitsProcessor(tokenizer, model.config.vocab_size, self.runner.device)
         self._incoming: deque[RequestState] = deque()  # submitted, not yet handed to the scheduler
         self._requests: dict[str, RequestState] = {}

@@ -71,10 +71,14 @@ class JSONGrammar:
 
 CompiledGrammar = JSONGrammar
 _DEFAULT_CACHE_SIZE = 64
-# Whitespace between JSON tokens is free-form (models pretty-print) but bounded: unbounded whitespace lets a
-# model loop on spaces until max_tokens, a known failure of grammar-constrained decoding. 16 characters
-# still allow two-space indentation seven levels deep.
+# By default JSON is compact: no whitespace between its tokens (``{"a":1,"b":[2,3]}``, json.dumps with
+# separators (",", ":")). Whitespace the grammar allows is whitespace a model may emit instead of closing the
+# object, the known failure of guided decoding where an answer is spaces and newlines until max_tokens (vLLM
+# added ``disable_any_whitespace`` for it); with random weights JSON mode's answers were mostly whitespace.
+# ``any_whitespace=True`` (EngineConfig.json_any_whitespace) keeps xgrammar's permissive form, bounded: at most
+# 16 characters between two tokens (two-space indentation seven levels deep).
 MAX_WHITESPACE = 16
+COMPACT_SEPARATORS = (",", ":")
 _RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
 # xgrammar's C++ errors start with "[hh:mm:ss] /path/file.cc:123: "; the rest is the useful message.
 _XGRAMMAR_LOCATION = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: .*? is false: )?")
@@ -89,6 +93,8 @@ class GrammarCompilerCache:
             the tokenizer's own vocabulary are never allowed.
         stop_token_ids: the tokens that end a completed grammar.
         cache_size: how many compiled grammars to keep.
+        any_whitespace: allow (bounded) whitespace between JSON tokens; default compact JSON (see
+            ``COMPACT_SEPARATORS``).
 
     Raises:
         ValueError: ``vocab_size`` or ``cache_size`` is not positive, or a stop token id is out of range.
@@ -101,6 +107,7 @@ class GrammarCompilerCache:
         *,
         stop_token_ids: Sequence[int] = DEFAULT_STOP_TOKEN_IDS,
         cache_size: int = _DEFAULT_CACHE_SIZE,
+        any_whitespace: bool = False,
     ) -> None:
         if vocab_size <= 0 or cache_size <= 0:
             raise ValueError(f"vocab_size and cache_size must be positive, got {vocab_size}, {cache_size}")
@@ -113,6 +120,10 @@ class GrammarCompilerCache:
         self._cache: OrderedDict[str, CompiledGrammar] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
+        self.any_whitespace = any_whitespace
+        # xgrammar's layout arguments: bounded free whitespace, or none at all with compact separators.
+        self._layout = ({"any_whitespace": True, "max_whitespace_cnt": MAX_WHITESPACE} if any_whitespace
+                        else {"any_whitespace": False, "separators": COMPACT_SEPARATORS})  # fmt: skip
 
     def compile(self, response_format: dict[str, Any] | None) -> CompiledGrammar | None:
         """The grammar for ``response_format``, or None for plain text.
@@ -153,13 +164,11 @@ class GrammarCompilerCache:
         return self._cached("json_schema:" + canonical, lambda: self._compile_schema(canonical))
 
     def _compile_any_object(self) -> CompiledGrammar:
-        return self._compiler.compile_json_schema('{"type":"object"}', any_whitespace=True, strict_mode=False,
-                                                  max_whitespace_cnt=MAX_WHITESPACE)  # fmt: skip
+        return self._compiler.compile_json_schema('{"type":"object"}', strict_mode=False, **self._layout)
 
     def _compile_schema(self, canonical_schema: str) -> CompiledGrammar:
         try:
-            grammar = xgr.Grammar.from_json_schema(canonical_schema, any_whitespace=True, strict_mode=True,
-                                                   max_whitespace_cnt=MAX_WHITESPACE)  # fmt: skip
+            grammar = xgr.Grammar.from_json_schema(canonical_schema, strict_mode=True, **self._layout)
         except RuntimeError as error:
             reason = _XGRAMMAR_LOCATION.sub("", str(error).strip())
             raise ValueError(f"response_format.json_schema.schema is not supported: {reason}") from error

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 
@@ -283,3 +284,24 @@ def test_batched_greedy_choice_matches_the_row_by_row_path(engine):
     for a, b in zip(batched, rowwise, strict=True):
         first, second = a.result().choices[0], b.result().choices[0]
         assert first.token_ids == second.token_ids and len(first.token_ids) == 10
+
+
+def _outside_strings(text: str) -> str:
+    """``text`` with the contents of JSON strings removed (escapes included): what lies between the tokens."""
+    return re.sub(r'"(?:[^"\\]|\\.)*"?', '""', text)
+
+
+def test_json_outputs_have_no_whitespace_between_tokens(engine):
+    """Compact JSON by default: over several seeds, JSON mode's and a tool-style schema's outputs (finished or
+    cut by max_tokens) hold no whitespace outside strings, where a model with random weights used to emit
+    spaces and newlines between tokens."""
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "arguments": {"type": "object",
+              "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}, "required": ["city", "days"]}},
+              "required": ["name", "arguments"], "additionalProperties": False}  # fmt: skip
+    formats = [{"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "call", "schema": schema}}]
+    for response_format in formats:
+        result = engine.generate(request("Give JSON.", temperature=1.5, top_k=0, top_p=1.0, seed=5, n=6,
+                                         max_tokens=40, response_format=response_format))  # fmt: skip
+        for choice in result.choices:
+            between = _outside_strings(choice.text)
+            assert not re.search(r"\s", between), (response_format["type"], choice.text)

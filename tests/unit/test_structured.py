@@ -20,7 +20,7 @@ from minicpmv.engine.structured import GrammarCompilerCache, GrammarState
 from minicpmv.tokenizer import DEFAULT_STOP_TOKEN_IDS, SPECIAL_TOKENS
 
 VOCAB_SIZE = 151666
-MAX_STEPS = 300
+MAX_STEPS = 1000  # compact JSON: fewer tokens close a string than with free whitespace (", " "}\n")
 PERSON_SCHEMA = {
     "type": "object",
     "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
@@ -106,7 +106,7 @@ def test_greedy_run_terminates_with_valid_json(tokenizer, cache, closing_bias):
 
 def test_special_tokens_are_never_allowed_inside_a_string(tokenizer, cache, ordinary_ids):
     state = GrammarState(cache.compile({"type": "json_object"}))
-    for token_id in tokenizer.encode('{"text": "see', add_special_tokens=False):
+    for token_id in tokenizer.encode('{"text":"see', add_special_tokens=False):
         assert state.accept(token_id)
     allowed = state.allowed_mask()
     assert allowed.shape == (VOCAB_SIZE,) and allowed.dtype == torch.bool
@@ -119,7 +119,7 @@ def test_special_tokens_are_never_allowed_inside_a_string(tokenizer, cache, ordi
 
 def test_only_stop_tokens_after_a_complete_document(tokenizer, cache):
     state = GrammarState(cache.compile(PERSON_FORMAT))
-    for token_id in tokenizer.encode('{"name": "Lee", "age": 42}', add_special_tokens=False):
+    for token_id in tokenizer.encode('{"name":"Lee","age":42}', add_special_tokens=False):
         assert state.accept(token_id)
     assert state.is_completed() and not state.is_terminated()
     assert state.allowed_mask().nonzero().flatten().tolist() == sorted(DEFAULT_STOP_TOKEN_IDS)
@@ -130,7 +130,7 @@ def test_only_stop_tokens_after_a_complete_document(tokenizer, cache):
 
 def test_schema_rejects_what_it_does_not_declare(tokenizer, cache):
     state = GrammarState(cache.compile(PERSON_FORMAT))
-    for token_id in tokenizer.encode('{"name": "Lee", "', add_special_tokens=False):
+    for token_id in tokenizer.encode('{"name":"Lee","', add_special_tokens=False):
         assert state.accept(token_id)
     assert not state.accept(tokenizer.encode("x", add_special_tokens=False)[0])  # only "age" may follow
     assert state.accept(tokenizer.encode("a", add_special_tokens=False)[0])
@@ -198,3 +198,23 @@ def test_apply_checks_the_logits_shape(cache):
     state = GrammarState(cache.compile({"type": "json_object"}))
     with pytest.raises(ValueError, match="shape"):
         state.apply(torch.zeros(2, VOCAB_SIZE))
+
+
+@pytest.mark.parametrize("response_format", [{"type": "json_object"}, PERSON_FORMAT], ids=["json_object", "schema"])
+def test_compact_json_by_default_and_bounded_whitespace_when_asked(tokenizer, cache, response_format):
+    """No whitespace between JSON tokens by default (a model can't fill an answer with spaces and newlines);
+    ``any_whitespace`` (EngineConfig.json_any_whitespace) allows it, bounded."""
+    permissive = GrammarCompilerCache(tokenizer, VOCAB_SIZE, any_whitespace=True)
+    for text in ('{ "name":"Lee","age":42}', '{"name" :"Lee","age":42}', '{"name":"Lee", "age":42}',
+                 '{"name":"Lee",\n"age":42}', '{"name":"Lee","age":42 }', '{"name":\t"Lee","age":42}'):  # fmt: skip
+        compact = xgrammar_accepts(cache.compile(response_format), text)
+        spaced = xgrammar_accepts(permissive.compile(response_format), text)
+        assert not compact and spaced, text
+    assert xgrammar_accepts(cache.compile(response_format), '{"name":"Lee, Jr.","age":42}')  # spaces in strings
+
+
+def xgrammar_accepts(compiled, text: str) -> bool:
+    import xgrammar as xgr
+
+    matchers = [xgr.GrammarMatcher(compiled.schema), xgr.GrammarMatcher(compiled.json)]
+    return all(m.accept_string(text) for m in matchers) and matchers[0].is_completed()

@@ -83,7 +83,8 @@ def _format(schema: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def cache(tiny_tokenizer) -> GrammarCompilerCache:
-    return GrammarCompilerCache(tiny_tokenizer, VOCAB_SIZE)
+    # The permissive layout (json_any_whitespace): these tests are about strings, written as people write JSON.
+    return GrammarCompilerCache(tiny_tokenizer, VOCAB_SIZE, any_whitespace=True)
 
 
 @pytest.fixture(scope="module")
