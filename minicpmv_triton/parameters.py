@@ -2,7 +2,9 @@
 
 Environment variables override them, so tests and the demo point the same model repository at tiny
 checkpoints: ``MINICPMV_CHECKPOINT_<MODEL_NAME>`` (e.g. ``MINICPMV_CHECKPOINT_MINICPM_V_2_6_INT4``), then
-``MINICPMV_CHECKPOINT``; ``MINICPMV_DEVICE``; ``MINICPMV_DTYPE``.
+``MINICPMV_CHECKPOINT``; ``MINICPMV_DEVICE``; ``MINICPMV_DTYPE``; and the LoRA parameters (``LORA_PARAMETERS``),
+each ``MINICPMV_<PARAMETER>_<MODEL_NAME>`` then ``MINICPMV_<PARAMETER>`` (e.g. ``MINICPMV_LORA_MODULES``, what
+``serve.sh --lora-modules`` sets). ``lora_dir`` turns LoRA on (``enable_lora``) and must be a directory.
 
 Several engines on one GPU: ``gpu_memory_utilization`` "auto" (or unset) is EngineConfig's default (0.9) divided by
 ``MINICPMV_ENGINES_PER_GPU`` (default 1), the number of model instances sharing each GPU (``gpu_memory_share``).
@@ -23,6 +25,15 @@ from minicpmv.engine.config import EngineConfig
 _ENGINE_FIELDS = {f.name: str(f.type) for f in fields(EngineConfig)}
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 ENGINES_PER_GPU_ENV = "MINICPMV_ENGINES_PER_GPU"
+# EngineConfig fields the environment may set per model or for all (adapters are a deployment's, not the repository's).
+LORA_PARAMETERS = ("enable_lora", "lora_modules", "lora_dir", "max_loras", "max_lora_rank", "lora_target_modules")
+
+
+def env_override(environ, parameter: str, model_name: str) -> str | None:
+    """``MINICPMV_<PARAMETER>_<MODEL_NAME>``, else ``MINICPMV_<PARAMETER>``, else None."""
+    base = "MINICPMV_" + parameter.upper()
+    model = base + "_" + re.sub(r"\W", "_", model_name).upper()
+    return environ.get(model) or environ.get(base) or None
 
 
 def gpu_memory_share(engines_per_gpu: int) -> float:
@@ -74,6 +85,10 @@ class ModelParameters:
         environ = os.environ if environ is None else environ
         name = args.get("model_name") or model_config.get("name", "")
         raw = {k: v.get("string_value", "") for k, v in (model_config.get("parameters") or {}).items()}
+        for key in LORA_PARAMETERS:
+            override = env_override(environ, key, name)
+            if override is not None:
+                raw[key] = override
         env_name = "MINICPMV_CHECKPOINT_" + re.sub(r"\W", "_", name).upper()
         checkpoint = environ.get(env_name) or environ.get("MINICPMV_CHECKPOINT") or raw.pop("checkpoint", "")
         raw.pop("checkpoint", None)
@@ -101,6 +116,10 @@ class ModelParameters:
             values["quantization"] = None
         if values.get("quantization") not in (None, "nf4"):
             raise ValueError(f"{name}: parameter 'quantization' must be empty or 'nf4'")
+        if engine.get("lora_dir"):
+            if not os.path.isdir(engine["lora_dir"]):
+                raise ValueError(f"{name}: lora_dir {engine['lora_dir']!r} is not a directory")
+            engine.setdefault("enable_lora", True)  # runtime loading needs LoRA on
         if "gpu_memory_utilization" not in engine:
             engine["gpu_memory_utilization"] = gpu_memory_share(_engines_per_gpu(name, environ))
         for key, low, high in (("default_max_slice_nums", 1, 36), ("vision_cache_size", 0, 100_000)):

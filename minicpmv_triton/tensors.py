@@ -6,9 +6,14 @@ inputs  ``text_input`` (a prompt; optional when ``messages`` is given), ``image`
         base64 / data-URL text; one element per image, in order), ``stream``, ``sampling_parameters`` (JSON),
         ``exclude_input_in_output``, ``return_finish_reason``, ``return_num_input_tokens``,
         ``return_num_output_tokens``, ``return_logprobs``; ours: ``messages`` (JSON list of OpenAI-style chat
-        messages; image parts take the ``image`` elements in order).
+        messages; image parts take the ``image`` elements in order). A LoRA adapter is selected as vLLM's
+        backend selects it, by ``lora_name`` in ``sampling_parameters``.
 outputs ``text_output``, ``finish_reason``, ``num_input_tokens``, ``num_output_tokens``, ``logprobs`` (JSON);
         ours: ``index`` (the choice, for n > 1).
+
+A **control request** carries ``lora_control`` (JSON ``{"action": "list" | "load" | "unload", "lora_name",
+"lora_path"}``) and no prompt: the model answers it with one response whose ``text_output`` is JSON
+(:func:`parse_control`, :func:`control_tensors`); nothing is generated.
 """
 
 from __future__ import annotations
@@ -42,6 +47,9 @@ _DATA_URL = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
 # vLLM-backend names we accept besides our own SamplingParams fields.
 _ALIASES = {"max_new_tokens": "max_tokens"}
 _EXTENSIONS = ("max_slice_nums",)
+LORA_NAME = "lora_name"  # vLLM's backend: the adapter, in sampling_parameters
+MAX_ADAPTER_NAME = 256
+CONTROL_ACTIONS = {"list": (), "load": ("lora_name", "lora_path"), "unload": ("lora_name",)}
 
 
 @dataclass
@@ -127,10 +135,34 @@ def _looks_binary(raw: bytes) -> bool:
     return bool(re.search(rb"[^A-Za-z0-9+/=\s]", raw[:16]))
 
 
+@dataclass(frozen=True)
+class ControlRequest:
+    """A ``lora_control`` request: ``action`` with the fields it needs (``lora_name``, ``lora_path``)."""
+
+    action: str
+    lora_name: str | None = None
+    lora_path: str | None = None
+
+
 def parse_sampling(text: str | None) -> tuple[SamplingParams, int | None]:
-    """``sampling_parameters`` JSON -> (SamplingParams, max_slice_nums)."""
+    """``sampling_parameters`` JSON -> (SamplingParams, max_slice_nums); a ``lora_name`` is checked, not returned."""
+    sampling, max_slice_nums, _ = _parse_sampling(text)
+    return sampling, max_slice_nums
+
+
+def _name(value: Any, field: str) -> str:
+    """A LoRA adapter's name (or path): a non-empty string; a name of at most MAX_ADAPTER_NAME characters."""
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidRequestError(f"{field} must be a non-empty string", param=field)
+    if field != "lora_path" and len(value) > MAX_ADAPTER_NAME:
+        raise InvalidRequestError(f"{field} is longer than {MAX_ADAPTER_NAME} characters", param=field)
+    return value
+
+
+def _parse_sampling(text: str | None) -> tuple[SamplingParams, int | None, str | None]:
+    """``sampling_parameters`` JSON -> (SamplingParams, max_slice_nums, lora_name)."""
     if not text:
-        return SamplingParams(), None
+        return SamplingParams(), None, None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -138,6 +170,9 @@ def parse_sampling(text: str | None) -> tuple[SamplingParams, int | None]:
     if not isinstance(data, dict):
         raise InvalidRequestError("sampling_parameters must be a JSON object")
     data = {_ALIASES.get(k, k): v for k, v in data.items()}
+    adapter = data.pop(LORA_NAME, None)
+    if adapter is not None:
+        adapter = _name(adapter, LORA_NAME)
     max_slice_nums = data.pop("max_slice_nums", None)
     if max_slice_nums is not None and (
         not isinstance(max_slice_nums, int) or isinstance(max_slice_nums, bool) or not 1 <= max_slice_nums <= 36
@@ -148,7 +183,7 @@ def parse_sampling(text: str | None) -> tuple[SamplingParams, int | None]:
         data["top_logprobs"] = data["logprobs"]
         data["logprobs"] = True
     try:
-        return SamplingParams.from_dict(data), max_slice_nums
+        return SamplingParams.from_dict(data), max_slice_nums, adapter
     except TypeError as e:
         raise InvalidRequestError(f"sampling_parameters: {e}") from e
 
@@ -175,7 +210,7 @@ def parse_request(request_id: str, tensors: dict[str, np.ndarray]) -> ParsedRequ
         raise InvalidRequestError(f"{len(raw_images)} images; at most {MAX_IMAGES} per request")
     images = [decode_image(bytes(x) if not isinstance(x, str) else x, i, lazy=True) for i, x in enumerate(raw_images)]
     sampling_text = _scalar(tensors, "sampling_parameters")
-    sampling, max_slice_nums = parse_sampling(
+    sampling, max_slice_nums, adapter = _parse_sampling(
         None if sampling_text is None else _text(sampling_text, "sampling_parameters")
     )
     return ParsedRequest(
@@ -186,6 +221,7 @@ def parse_request(request_id: str, tensors: dict[str, np.ndarray]) -> ParsedRequ
             images=images,
             sampling=sampling,
             max_slice_nums=max_slice_nums,
+            adapter=adapter,
         ),
         stream=_flag(tensors, "stream"),
         exclude_input_in_output=_flag(tensors, "exclude_input_in_output"),
@@ -194,6 +230,42 @@ def parse_request(request_id: str, tensors: dict[str, np.ndarray]) -> ParsedRequ
         return_num_output_tokens=_flag(tensors, "return_num_output_tokens"),
         return_logprobs=_flag(tensors, "return_logprobs"),
     )
+
+
+def parse_control(tensors: dict[str, np.ndarray]) -> ControlRequest | None:
+    """The request's ``lora_control`` (None when it has none), checked: a known action with exactly the fields
+    it needs, and no prompt beside it. Raises InvalidRequestError."""
+    value = _scalar(tensors, "lora_control")
+    if value is None:
+        return None
+    if _scalar(tensors, "text_input") is not None or _scalar(tensors, "messages") is not None:
+        raise InvalidRequestError("a lora_control request takes no 'text_input' or 'messages'")
+    try:
+        data = json.loads(_text(value, "lora_control"))
+    except json.JSONDecodeError as e:
+        raise InvalidRequestError(f"lora_control is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise InvalidRequestError("lora_control must be a JSON object")
+    action = data.get("action")
+    if action not in CONTROL_ACTIONS:
+        raise InvalidRequestError(f"lora_control: action must be one of {', '.join(CONTROL_ACTIONS)}, got {action!r}",
+                                  param="action")  # fmt: skip
+    needed = CONTROL_ACTIONS[action]
+    unknown = sorted(set(data) - {"action", *needed})
+    if unknown:
+        raise InvalidRequestError(f"lora_control: {action!r} takes no {', '.join(unknown)}", param=unknown[0])
+    fields = {key: _name(data.get(key), key) for key in needed}
+    if "lora_path" in fields and "\x00" in fields["lora_path"]:
+        raise InvalidRequestError("lora_path must not contain NUL characters", param="lora_path")
+    return ControlRequest(action, **fields)
+
+
+def control_tensors(payload: Any) -> dict[str, np.ndarray]:
+    """The one response to a control request: ``payload`` as JSON in ``text_output`` (batch dimension included)."""
+    return {
+        "text_output": np.array([[json.dumps(payload).encode("utf-8")]], dtype=np.object_),
+        "index": np.array([[0]], dtype=np.uint32),
+    }
 
 
 def response_tensors(parsed: ParsedRequest, delta: Delta, text: str) -> dict[str, np.ndarray]:

@@ -16,7 +16,7 @@ from openai_frontend.batch.runner import start_batches, stop_batches
 from openai_frontend.dependencies import require_api_key
 from openai_frontend.metrics import Metrics
 from openai_frontend.models import ModelRegistry
-from openai_frontend.routers import batches, chat, files, health, models, responses
+from openai_frontend.routers import batches, chat, files, health, lora, models, responses
 from openai_frontend.serving import ChatService
 from openai_frontend.settings import Settings
 
@@ -110,6 +110,8 @@ def create_app(settings: Settings | None = None,
     v1.include_router(models.router)
     v1.include_router(files.router)
     v1.include_router(batches.router)
+    if settings.enable_lora_runtime_updates:  # otherwise absent: 404, as vLLM answers without its setting
+        v1.include_router(lora.router)
     app.include_router(v1)
     app.include_router(health.router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)

@@ -12,6 +12,7 @@ class BackendError(Exception):
     """A request the backend could not serve. ``kind`` decides the HTTP status (see errors.py)."""
 
     INVALID = "invalid_request"
+    NOT_FOUND = "not_found"  # a LoRA adapter the model does not have
     QUEUE_FULL = "queue_full"
     UNAVAILABLE = "unavailable"
     TIMEOUT = "timeout"
@@ -41,6 +42,7 @@ class GenerateRequest:
     sampling: dict[str, Any] = field(default_factory=dict)
     stream: bool = False
     logprobs: bool = False
+    adapter: str | None = None  # a LoRA adapter of the model (Triton: ``lora_name`` in the sampling parameters)
     # The frontend's own: a tools.ToolPlan when the answer is a tool-call envelope (not sent to the backend).
     tools: Any = None
 
@@ -69,6 +71,24 @@ class GenerateChunk:
     logprobs: list[TokenLogprob] | None = None
 
 
+@dataclass
+class LoRAAdapter:
+    """A LoRA adapter a model serves: its name, where the server read it from, and what the server says of it
+    (``rank``, ``modules``, ``vision``, ``embeddings``, ``resident``, ``loads``, ``requests``)."""
+
+    name: str
+    path: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoRAStatus:
+    """A model's adapters, and whether it loads more at runtime (its ``lora_dir`` is set)."""
+
+    adapters: list[LoRAAdapter] = field(default_factory=list)
+    runtime_loading: bool = False
+
+
 class InferenceBackend(Protocol):
     def generate(self, model: str, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         """Chunks until every choice finished. Raises BackendError. Closing the iterator early cancels
@@ -79,6 +99,19 @@ class InferenceBackend(Protocol):
 
     async def ready_models(self) -> list[str]:
         """Names of the models ready to serve. Raises BackendError(UNAVAILABLE) when the server is down."""
+        ...
+
+    async def lora_status(self, model: str) -> LoRAStatus:
+        """The model's LoRA adapters. Raises BackendError (e.g. a model that has no LoRA control)."""
+        ...
+
+    async def load_lora(self, model: str, name: str, path: str) -> LoRAAdapter:
+        """Load the adapter at ``path`` (the server's check: under its adapter directory) as ``name``. Raises
+        BackendError (INVALID with the server's reason when it can't be used)."""
+        ...
+
+    async def unload_lora(self, model: str, name: str) -> None:
+        """Raises BackendError (NOT_FOUND for an adapter the model does not have, INVALID while in use)."""
         ...
 
     async def close(self) -> None: ...

@@ -12,6 +12,9 @@ and ``..._HTTP_URL`` as comma-separated lists, paired in order).
   down.
 * **Recovery**: a down server is probed (Triton's ready endpoint) every ``probe_interval`` seconds and takes
   requests again once it answers; if every server is down, requests still try them all.
+* **LoRA adapters**: a runtime load or unload goes to every server (a load that one of them refuses is undone on
+  the others; a server that is down is skipped, and one that lacks an adapter a request names, because it was down
+  at the load or restarted since, is skipped as one lacking the model is); the adapter list is the union.
 """
 
 from __future__ import annotations
@@ -23,12 +26,19 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from openai_frontend.backend import BackendError, GenerateChunk, GenerateRequest, InferenceBackend
+from openai_frontend.backend import (
+    BackendError,
+    GenerateChunk,
+    GenerateRequest,
+    InferenceBackend,
+    LoRAAdapter,
+    LoRAStatus,
+)
 
 logger = logging.getLogger(__name__)
 
 # Failures before the first chunk after which another server is tried.
-_RETRY_ELSEWHERE = (BackendError.UNAVAILABLE, BackendError.QUEUE_FULL)
+_RETRY_ELSEWHERE = (BackendError.UNAVAILABLE, BackendError.QUEUE_FULL, BackendError.NOT_FOUND)
 
 
 @dataclass
@@ -122,6 +132,59 @@ class BalancedBackend:
             error = next(r for r in results if isinstance(r, BaseException))
             raise error if isinstance(error, BackendError) else BackendError(BackendError.UNAVAILABLE, str(error))
         return sorted(set().union(*answered))
+
+    # ---------------------------------------------------------------- LoRA adapters
+
+    async def _on_every_server(self, call) -> list[tuple[Endpoint, object]]:
+        """``call(backend)`` on every server at once: (endpoint, result or BackendError) each."""
+        results = await asyncio.gather(*(call(e.backend) for e in self.endpoints), return_exceptions=True)
+        out = []
+        for endpoint, result in zip(self.endpoints, results, strict=True):
+            if isinstance(result, BaseException) and not isinstance(result, BackendError):
+                if not isinstance(result, Exception):
+                    raise result
+                result = BackendError(BackendError.UNAVAILABLE, str(result))
+            out.append((endpoint, result))
+        return out
+
+    async def lora_status(self, model: str) -> LoRAStatus:
+        """The adapters of any server (the first's details of each); an error only when none answers."""
+        answers = await self._on_every_server(lambda backend: backend.lora_status(model))
+        statuses = [r for _, r in answers if isinstance(r, LoRAStatus)]
+        if not statuses:
+            raise answers[0][1]
+        adapters: dict[str, LoRAAdapter] = {}
+        for status in statuses:
+            for adapter in status.adapters:
+                adapters.setdefault(adapter.name, adapter)
+        return LoRAStatus(list(adapters.values()), any(s.runtime_loading for s in statuses))
+
+    async def load_lora(self, model: str, name: str, path: str) -> LoRAAdapter:
+        """Loaded on every server that is up. One that refuses it (a bad adapter, a path outside its directory):
+        unloaded again from the others and the refusal raised."""
+        answers = await self._on_every_server(lambda backend: backend.load_lora(model, name, path))
+        loaded = [(e, r) for e, r in answers if isinstance(r, LoRAAdapter)]
+        refused = [r for _, r in answers if isinstance(r, BackendError) and r.kind != BackendError.UNAVAILABLE]
+        if refused or not loaded:
+            for endpoint, _ in loaded if refused else []:
+                with contextlib.suppress(BackendError):
+                    await endpoint.backend.unload_lora(model, name)
+            raise refused[0] if refused else answers[0][1]
+        for endpoint, result in answers:
+            if isinstance(result, BackendError):
+                logger.warning("LoRA adapter %r not loaded on Triton %s: %s", name, endpoint.name, result.message)
+        return loaded[0][1]
+
+    async def unload_lora(self, model: str, name: str) -> None:
+        """Unloaded from every server that has it; NOT_FOUND when none has it."""
+        answers = await self._on_every_server(lambda backend: backend.unload_lora(model, name))
+        if any(r is None for _, r in answers):
+            failed = [r for _, r in answers if isinstance(r, BackendError) and r.kind == BackendError.INVALID]
+            if failed:  # in use on a server: the client tries again (the others now answer not found)
+                raise failed[0]
+            return
+        errors = [r for _, r in answers if isinstance(r, BackendError)]
+        raise next((e for e in errors if e.kind != BackendError.NOT_FOUND), errors[0])
 
     def status(self) -> list[dict]:
         return [{"endpoint": e.name, "up": e.up, "in_flight": e.in_flight, "requests": e.requests}

@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 # Backend error kinds -> (HTTP status, OpenAI error type).
 _BACKEND_STATUS = {
     BackendError.INVALID: (400, "invalid_request_error"),
+    BackendError.NOT_FOUND: (404, "not_found_error"),
     BackendError.QUEUE_FULL: (429, "rate_limit_error"),
     BackendError.UNAVAILABLE: (503, "service_unavailable_error"),
     BackendError.TIMEOUT: (504, "timeout_error"),

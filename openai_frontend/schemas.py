@@ -262,9 +262,11 @@ class Model(BaseModel):
     object: Literal["model"] = "model"
     created: int = 0
     owned_by: str = "openbmb"
-    # Extensions: the Triton model behind the name, and the other names it answers to.
+    # Extensions: the Triton model behind the name (a LoRA adapter's: where the server read it, as vLLM's), the
+    # other names it answers to, and a LoRA adapter's base model (vLLM's "parent"; absent for a model).
     root: str | None = None
     aliases: list[str] = Field(default_factory=list)
+    parent: str | None = None
 
 
 class ModelList(BaseModel):

@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     # Authentication: when keys are set, /v1/* needs "Authorization: Bearer <key>".
     api_keys: CommaList = Field(default_factory=list)
 
+    # LoRA adapters: POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's) exist only when this is on
+    # (vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING); the models load from under their lora_dir only.
+    enable_lora_runtime_updates: bool = False
+
     # Limits.
     request_timeout: float = Field(600.0, gt=0, description="seconds a request may take, to its last token")
     max_concurrent_requests: int = Field(512, ge=0, description="requests in flight; more get 429 (0: no limit)")

@@ -3,7 +3,11 @@
 
 Triton's gRPC stream carries an error as a bare message (no status code), so our model sends each error as a
 JSON object with a stable code (minicpmv/engine/errors.py) and ``classify`` maps the code; errors without one
-are Triton's own."""
+are Triton's own.
+
+LoRA: a request's adapter goes as ``lora_name`` in ``sampling_parameters`` (as to vLLM's Triton backend); listing,
+loading and unloading adapters are control requests (a ``lora_control`` input, one JSON response) on the same
+gRPC stream API."""
 
 from __future__ import annotations
 
@@ -19,12 +23,21 @@ import tritonclient.grpc.aio as grpcaio
 import tritonclient.http.aio as httpaio
 from tritonclient.utils import InferenceServerException
 
-from openai_frontend.backend import BackendError, GenerateChunk, GenerateRequest, TokenLogprob
+from openai_frontend.backend import (
+    BackendError,
+    GenerateChunk,
+    GenerateRequest,
+    LoRAAdapter,
+    LoRAStatus,
+    TokenLogprob,
+)
 from openai_frontend.errors import context_length_message
 
 logger = logging.getLogger(__name__)
 
 _HEALTH_TIMEOUT = 2.0
+# A control "list" answers at once; a load reads the adapter's files (a vision tower: hundreds of MB).
+_CONTROL_TIMEOUT = {"list": 5.0, "load": 600.0, "unload": 60.0}
 # Reconnect quickly once Triton is back (gRPC's default backoff grows to two minutes).
 _CHANNEL_ARGS = [
     ("grpc.max_send_message_length", 2**31 - 1),
@@ -41,6 +54,7 @@ _TRITON_UNAVAILABLE = ("unknown model", "is not ready", "not found", "unavailabl
 # The codes of minicpmv/engine/errors.py (and the backend's cancelled / internal_error) -> the frontend's kinds.
 _KINDS = {
     "invalid_request": BackendError.INVALID,
+    "adapter_not_found": BackendError.NOT_FOUND,
     "context_length_exceeded": BackendError.INVALID,
     "queue_full": BackendError.QUEUE_FULL,
     "unavailable": BackendError.UNAVAILABLE,
@@ -80,6 +94,8 @@ def classify(message: str) -> BackendError:
             return BackendError(kind, "the model's queue is full; retry later", code="queue_full")
         if kind == BackendError.UNAVAILABLE:
             return BackendError(kind, f"the model is not available: {text}")
+        if kind == BackendError.NOT_FOUND:  # OpenAI's answer to a model it does not have
+            return BackendError(kind, text, code="model_not_found", param=param if isinstance(param, str) else None)
         if code == "context_length_exceeded" and all(isinstance(error.get(k), int) for k in
                                                      ("limit", "prompt_tokens", "max_tokens")):  # fmt: skip
             # No max_tokens and a prompt over the limit: the engine counts what room is left (<= 0) as the
@@ -113,9 +129,10 @@ def _bool_tensor(name: str, value: bool) -> grpcclient.InferInput:
 
 
 def build_inputs(request: GenerateRequest) -> list[grpcclient.InferInput]:
+    sampling = request.sampling if request.adapter is None else {**request.sampling, "lora_name": request.adapter}
     inputs = [
         _bytes_tensor("messages", [json.dumps(request.messages).encode()]),
-        _bytes_tensor("sampling_parameters", [json.dumps(request.sampling).encode()]),
+        _bytes_tensor("sampling_parameters", [json.dumps(sampling).encode()]),
         _bool_tensor("stream", request.stream),
         _bool_tensor("exclude_input_in_output", True),
         _bool_tensor("return_finish_reason", True),
@@ -210,6 +227,52 @@ class TritonBackend:
             return BackendError(BackendError.INVALID, f"the request is too large for Triton: {error.details()}")
         return classify(error.details() or str(error.code()))
 
+    async def _control(self, model: str, action: str, **fields: str):
+        """One ``lora_control`` request on a gRPC stream: its JSON answer, or BackendError."""
+        inputs = [_bytes_tensor("lora_control", [json.dumps({"action": action, **fields}).encode()])]
+
+        async def requests():
+            yield {"model_name": model, "inputs": inputs, "request_id": f"lora-{action}"}
+
+        stream = self._grpc.stream_infer(requests())
+        answered = False
+
+        async def first():
+            nonlocal answered
+            async for result, error in stream:
+                answered = True  # the one response, final: nothing to cancel on the server
+                if error is not None:
+                    raise classify(str(error.message()))
+                return json.loads(_first(result, "text_output"))
+            raise BackendError(BackendError.INTERNAL, "the model's response stream ended early")
+
+        try:
+            return await asyncio.wait_for(first(), _CONTROL_TIMEOUT[action])
+        except TimeoutError:
+            raise BackendError(BackendError.TIMEOUT, f"{model} did not answer the LoRA {action} in time") from None
+        except grpc.aio.AioRpcError as e:
+            raise self._rpc_error(e) from None
+        except InferenceServerException as e:
+            raise classify(str(e.message())) from None
+        except (TypeError, ValueError) as e:  # not our JSON: a model without LoRA control
+            raise BackendError(BackendError.INTERNAL, f"{model} answered the LoRA {action} with {e}") from None
+        finally:
+            if not answered:
+                stream.cancel()
+
+    async def lora_status(self, model: str) -> LoRAStatus:
+        answer = await self._control(model, "list")
+        try:
+            return LoRAStatus([_adapter(a) for a in answer["adapters"]], bool(answer.get("runtime_loading")))
+        except (KeyError, TypeError, AttributeError) as e:
+            raise BackendError(BackendError.INTERNAL, f"{model} listed its adapters as {answer!r:.200}") from e
+
+    async def load_lora(self, model: str, name: str, path: str) -> LoRAAdapter:
+        return _adapter(await self._control(model, "load", lora_name=name, lora_path=path))
+
+    async def unload_lora(self, model: str, name: str) -> None:
+        await self._control(model, "unload", lora_name=name)
+
     async def server_ready(self) -> bool:
         try:
             return bool(await asyncio.wait_for(self._http_client().is_server_ready(), _HEALTH_TIMEOUT))
@@ -227,3 +290,7 @@ class TritonBackend:
         await self._grpc.close()
         if self._http is not None:
             await self._http.close()
+
+
+def _adapter(info: dict) -> LoRAAdapter:
+    return LoRAAdapter(info["name"], info.get("path", ""), {k: v for k, v in info.items() if k not in ("name", "path")})

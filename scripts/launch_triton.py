@@ -28,6 +28,8 @@ CHECKPOINT_ENV = {
     "checkpoint_int4": "MINICPMV_CHECKPOINT_MINICPM_V_2_6_INT4",
 }
 DEVICE_ENV = "MINICPMV_DEVICE"
+LORA_MODULES_ENV = "MINICPMV_LORA_MODULES"  # the models' lora_modules parameter (minicpmv_triton/parameters.py)
+LORA_DIR_ENV = "MINICPMV_LORA_DIR"
 
 logger = logging.getLogger("launch_triton")
 
@@ -61,6 +63,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(--model-config-name=cpu). auto: gpu when nvidia-smi is on PATH, else cpu",
     )
     parser.add_argument(
+        "--lora-modules", metavar="NAME=PATH[,NAME=PATH...]",
+        help=f"LoRA adapters every model serves from start-up (vLLM's flag; sets {LORA_MODULES_ENV})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--lora-dir", metavar="DIR", help=f"directory adapters may be loaded from at runtime (sets {LORA_DIR_ENV})"
+    )
+    parser.add_argument(
         "--server-arg", action="append", default=[], metavar="ARG", help="extra tritonserver argument (repeatable)"
     )
     return parser.parse_args(argv)
@@ -85,19 +94,59 @@ def resolve_device(device: str) -> str:
     return "gpu" if shutil.which("nvidia-smi") else "cpu"
 
 
+def lora_modules(text: str, models: list[str]) -> str:
+    """``--lora-modules`` checked ("name=path,...": each path a PEFT adapter directory, names unique and none a
+    model's) and with absolute paths (the server's working directory is not the caller's). Raises ValueError."""
+    modules: dict[str, str] = {}
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, sep, path = (part.strip() for part in item.partition("="))
+        if not sep or not name or not path:
+            raise ValueError(f"--lora-modules: {item!r} is not name=path")
+        if any(c.isspace() for c in name):
+            raise ValueError(f"--lora-modules: the name {name!r} has white space")
+        if name in modules:
+            raise ValueError(f"--lora-modules: {name!r} is given twice")
+        if name in models:
+            raise ValueError(f"--lora-modules: {name!r} is the name of a model; give the adapter another")
+        directory = Path(path).expanduser()
+        if not directory.is_dir():
+            raise ValueError(f"--lora-modules: {name}: {path} is not a directory")
+        if not (directory / "adapter_config.json").is_file():
+            raise ValueError(f"--lora-modules: {name}: {path} has no adapter_config.json (not a PEFT adapter)")
+        modules[name] = str(directory.resolve())
+    if not modules:
+        raise ValueError("--lora-modules: no name=path given")
+    return ",".join(f"{name}={path}" for name, path in modules.items())
+
+
+def lora_dir(path: str) -> str:
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        raise ValueError(f"--lora-dir: {path} is not a directory")
+    return str(directory.resolve())
+
+
 def server_env(args: argparse.Namespace, device: str, models: list[str], environ=None) -> dict[str, str]:
     """The variables set for the server on top of ``environ`` (default ``os.environ``).
 
     On GPUs every model has one instance on each GPU (the configs' ``instance_group``, ``count: 1 kind:
     KIND_GPU``), so all loaded models share each GPU: MINICPMV_ENGINES_PER_GPU tells each instance how many
     there are, and ``gpu_memory_utilization`` "auto" becomes an even share (minicpmv_triton/parameters.py). A
-    value already in ``environ`` (an operator's) is kept.
+    value already in ``environ`` (an operator's) is kept. ``--lora-modules`` / ``--lora-dir``, checked (ValueError),
+    become every model's ``lora_modules`` / ``lora_dir``.
     """
     environ = os.environ if environ is None else environ
     env = {name: getattr(args, key) for key, name in CHECKPOINT_ENV.items() if getattr(args, key)}
     env[DEVICE_ENV] = device
     if device == "gpu" and not environ.get(ENGINES_PER_GPU_ENV):
         env[ENGINES_PER_GPU_ENV] = str(len(models))
+    if args.lora_modules:
+        env[LORA_MODULES_ENV] = lora_modules(args.lora_modules, models)
+    if args.lora_dir:
+        env[LORA_DIR_ENV] = lora_dir(args.lora_dir)
     return env
 
 
@@ -125,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("no model directories in %s", repository)
         return 2
     device = resolve_device(args.device)
+    try:
+        env = server_env(args, device, models)
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return 2
     log_file = args.log_file or Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
     server = TritonServer(
         repository,
@@ -133,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
         log_verbose=args.log_verbose,
-        extra_env=server_env(args, device, models),
+        extra_env=env,
         extra_args=server_args(args, device),
         exit_timeout=args.exit_timeout,
         address=args.address,

@@ -46,6 +46,11 @@ Options:
   --triton-http-port N          tritonserver's HTTP port (default: 8000)
   --triton-grpc-port N          tritonserver's gRPC port (default: 8001)
   --triton-metrics-port N       tritonserver's metrics port (default: 8002)
+  --lora-modules NAME=PATH[,NAME=PATH...]
+                                LoRA adapters (PEFT directories, e.g. MiniCPM-V's finetune_lora.sh output) to
+                                serve from start-up on every model; clients select one with "model": NAME
+  --lora-dir DIR                adapters may be loaded at runtime from under DIR (the frontend's
+                                /v1/load_lora_adapter, with MINICPMV_FRONTEND_ENABLE_LORA_RUNTIME_UPDATES=true)
   -h, --help                    this text
 
 Environment:
@@ -54,6 +59,11 @@ Environment:
   HF_HOME, HF_HUB_CACHE, HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE
                                 the Hugging Face cache, a mirror, a token, cache-only mode
   MINICPMV_ENGINES_PER_GPU      models sharing each GPU (default: the number served); each takes 0.90 / N
+  MINICPMV_LORA_MODULES, MINICPMV_LORA_DIR
+                                defaults for --lora-modules, --lora-dir
+  MINICPMV_MAX_LORAS, MINICPMV_MAX_LORA_RANK, MINICPMV_LORA_TARGET_MODULES
+                                adapters resident at once (4), their largest rank (64), the layers they may
+                                target (attention, or all); each also per model, e.g. MINICPMV_MAX_LORAS_MINICPM_V_2_6
   MINICPMV_FRONTEND_*           further frontend settings, e.g. MINICPMV_FRONTEND_API_KEYS
                                 (see openai_frontend/settings.py)
   MINICPMV_SKIP_SETUP=1         do not run scripts/setup.sh; use the virtual environment as it is
@@ -77,7 +87,7 @@ usage_error() { say "$*"; echo "Try './scripts/serve.sh --help'." >&2; exit 2; }
 
 # --- options ---------------------------------------------------------------------------------------------
 MODEL="" DEVICE="" DEMO=0 HOST=0.0.0.0 PORT=9000 HTTP_PORT=8000 GRPC_PORT=8001 METRICS_PORT=8002
-CKPT_FULL_FLAG="" CKPT_INT4_FLAG=""
+CKPT_FULL_FLAG="" CKPT_INT4_FLAG="" LORA_MODULES="${MINICPMV_LORA_MODULES:-}" LORA_DIR="${MINICPMV_LORA_DIR:-}"
 while (($#)); do
   opt="$1" val="" inline=0
   if [[ "$opt" == --*=* ]]; then val="${opt#*=}" opt="${opt%%=*}" inline=1; fi
@@ -87,7 +97,7 @@ while (($#)); do
       ((inline == 0)) || usage_error "--demo takes no value"
       DEMO=1; shift; continue ;;
     --model|--device|--host|--port|--triton-http-port|--triton-grpc-port|--triton-metrics-port|\
-    --checkpoint-full|--checkpoint-int4)
+    --checkpoint-full|--checkpoint-int4|--lora-modules|--lora-dir)
       if ((inline == 0)); then
         (($# >= 2)) || usage_error "$opt needs a value"
         val="$2"; shift
@@ -105,6 +115,8 @@ while (($#)); do
     --triton-metrics-port) METRICS_PORT="$val" ;;
     --checkpoint-full) CKPT_FULL_FLAG="$val" ;;
     --checkpoint-int4) CKPT_INT4_FLAG="$val" ;;
+    --lora-modules) LORA_MODULES="$val" ;;
+    --lora-dir) LORA_DIR="$val" ;;
   esac
 done
 
@@ -123,6 +135,31 @@ fi
 if ((DEMO)) && [[ -n "$CKPT_FULL_FLAG$CKPT_INT4_FLAG" ]]; then
   usage_error "--demo makes its own checkpoints; drop --checkpoint-full / --checkpoint-int4"
 fi
+# LoRA adapters: name=path items, each path a PEFT adapter directory, no name twice nor a model's name or alias
+# (the frontend selects adapters and models by the same "model" field). scripts/launch_triton.py checks again.
+check_lora_modules() {
+  local item name path seen=" " any=0
+  local -a items
+  IFS=',' read -ra items <<< "$1"
+  for item in "${items[@]}"; do
+    item="$(echo "$item" | sed -e 's/^[[:space:]]*//' -e 's/[[:space:]]*$//')"
+    [[ -n "$item" ]] || continue
+    name="$(echo "${item%%=*}" | sed 's/[[:space:]]*$//')" path="$(echo "${item#*=}" | sed 's/^[[:space:]]*//')"
+    if [[ "$item" != *=* || -z "$name" || -z "$path" ]]; then usage_error "--lora-modules: '$item' is not name=path"; fi
+    [[ "$name" =~ [[:space:]] ]] && usage_error "--lora-modules: the name '$name' has white space"
+    [[ "$seen" == *" $name "* ]] && usage_error "--lora-modules: '$name' is given twice"
+    case "$name" in
+      minicpm_v_2_6|minicpm_v_2_6_int4|MiniCPM-V-2_6|MiniCPM-V-2_6-int4|openbmb/MiniCPM-V-2_6|openbmb/MiniCPM-V-2_6-int4)
+        usage_error "--lora-modules: '$name' is the name of a model; give the adapter another" ;;
+    esac
+    [[ -d "$path" ]] || usage_error "--lora-modules: $name: $path is not a directory"
+    [[ -f "$path/adapter_config.json" ]] || usage_error "--lora-modules: $name: $path has no adapter_config.json (not a PEFT adapter)"
+    seen+="$name " any=1
+  done
+  ((any)) || usage_error "--lora-modules: no name=path given"
+}
+if [[ -n "$LORA_MODULES" ]]; then check_lora_modules "$LORA_MODULES"; fi
+if [[ -n "$LORA_DIR" && ! -d "$LORA_DIR" ]]; then usage_error "--lora-dir: $LORA_DIR is not a directory"; fi
 if ((DEMO)); then MODEL="${MODEL:-both}" DEVICE="${DEVICE:-cpu}"; else MODEL="${MODEL:-int4}" DEVICE="${DEVICE:-auto}"; fi
 case "$MODEL" in both) KINDS=(full int4) ;; *) KINDS=("$MODEL") ;; esac
 CKPT_FULL="${CKPT_FULL_FLAG:-${MINICPMV_CHECKPOINT_MINICPM_V_2_6:-}}"
@@ -304,6 +341,8 @@ triton_args=(
 )
 [[ -n "${CKPT_PATH[full]:-}" ]] && triton_args+=(--checkpoint-full "${CKPT_PATH[full]}")
 [[ -n "${CKPT_PATH[int4]:-}" ]] && triton_args+=(--checkpoint-int4 "${CKPT_PATH[int4]}")
+[[ -n "$LORA_MODULES" ]] && triton_args+=(--lora-modules "$LORA_MODULES")
+[[ -n "$LORA_DIR" ]] && triton_args+=(--lora-dir "$LORA_DIR")
 # The tiny checkpoints are float32 models on the CPU.
 ((DEMO)) && export MINICPMV_DTYPE=float32
 

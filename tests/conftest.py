@@ -9,6 +9,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -176,13 +177,44 @@ def pytest_runtest_teardown(item, nextitem):
     return result
 
 
+# LoRA adapters of the session's full model (peft on the tiny checkpoint, rank 4, about 2 s to make): two served from
+# start-up (lora_modules) and a directory for runtime loads (lora_dir) holding a third; two slots, so three adapters
+# in turn evict one another. tests/frontend/test_lora.py uses them.
+LORA_MODEL = "minicpm_v_2_6"
+LORA_MODULES = ("invoices-lora", "receipts-lora")
+LORA_RUNTIME = "customs"  # a directory under lora_dir
+
+
+@dataclass(frozen=True)
+class LoRASetup:
+    modules: dict[str, Path]  # name -> directory, served from start-up
+    lora_dir: Path  # runtime loads: from under it only
+
+
 @pytest.fixture(scope="session")
-def server(tiny_full, tiny_int4, tmp_path_factory):
+def lora_setup(tiny_full, tmp_path_factory) -> LoRASetup:
+    from tests.lora_adapters import ATTENTION, make_adapter
+
+    root = tmp_path_factory.mktemp("lora")
+    modules = {name: make_adapter(tiny_full, root / "static" / name, 4, ATTENTION, seed)
+               for seed, name in enumerate(LORA_MODULES, start=1)}  # fmt: skip
+    lora_dir = root / "runtime"
+    make_adapter(tiny_full, lora_dir / LORA_RUNTIME, 4, ATTENTION, len(LORA_MODULES) + 1)
+    return LoRASetup(modules, lora_dir)
+
+
+@pytest.fixture(scope="session")
+def server(tiny_full, tiny_int4, lora_setup, tmp_path_factory):
+    suffix = "_" + LORA_MODEL.upper()
     env = {
         "MINICPMV_CHECKPOINT_MINICPM_V_2_6": str(tiny_full),
         "MINICPMV_CHECKPOINT_MINICPM_V_2_6_INT4": str(tiny_int4),
         "MINICPMV_DTYPE": "float32",
         "OMP_NUM_THREADS": "2",
+        "MINICPMV_LORA_MODULES" + suffix: ",".join(f"{name}={path}" for name, path in lora_setup.modules.items()),
+        "MINICPMV_LORA_DIR" + suffix: str(lora_setup.lora_dir),
+        "MINICPMV_MAX_LORAS" + suffix: "2",
+        "MINICPMV_MAX_LORA_RANK" + suffix: "8",
     }
     repository = serving_repository(tmp_path_factory.mktemp("model_repository"))
     triton = TritonServer(repository, models=list(MODELS), extra_env=env, extra_args=["--model-config-name=cpu"],

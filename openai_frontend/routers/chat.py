@@ -36,14 +36,15 @@ _ERRORS = {
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, settings: SettingsDep,
                                  registry: RegistryDep, chat: ChatDep):  # fmt: skip
     try:
-        model = await registry.resolve(body.model)
+        target = await registry.resolve(body.model)
         generate = await to_generate_request(body, settings, request.app.state.http, request.app.state.metrics)
+        generate.adapter = target.adapter
     except APIError as e:  # counted here; failures after this point are counted by the chat service
         request.app.state.metrics.requests.labels(body.model, str(e.status)).inc()
         raise
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     try:
-        result = await chat.complete(request, model, body.model, generate, include_usage)
+        result = await chat.complete(request, target.model, body.model, generate, include_usage)
     except ClientDisconnected:
         return Response(status_code=499)
     except Exception as e:  # noqa: BLE001 - re-raised, restated against the tools where they caused it

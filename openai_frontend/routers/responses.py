@@ -31,10 +31,11 @@ async def create_response(body: ResponsesRequest, request: Request, settings: Se
                           chat: ChatDep):  # fmt: skip
     origins: list[str] = []
     try:
-        model = await registry.resolve(body.model)
+        target = await registry.resolve(body.model)
         chat_request, origins = to_chat_request(body)
         generate = await to_generate_request(chat_request, settings, request.app.state.http,
                                                   request.app.state.metrics)
+        generate.adapter = target.adapter
     except APIError as e:  # counted here; failures after this point are counted by the chat service
         request.app.state.metrics.requests.labels(body.model, str(e.status)).inc()
         raise restate(e, origins) from None
@@ -43,9 +44,9 @@ async def create_response(body: ResponsesRequest, request: Request, settings: Se
     created = time.time()
     try:
         if not body.stream:
-            completion = await chat.complete(request, model, body.model, generate, False)
+            completion = await chat.complete(request, target.model, body.model, generate, False)
             return JSONResponse(build_response(body, rid, created, completion))
-        run, first = await chat.open_stream(model, body.model, generate)
+        run, first = await chat.open_stream(target.model, body.model, generate)
     except ClientDisconnected:
         return Response(status_code=499)
     except Exception as e:  # noqa: BLE001 - re-raised, with the Responses API's param names

@@ -13,19 +13,23 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from openai_frontend.app import create_app
+from openai_frontend.backend import LoRAStatus
 from openai_frontend.settings import Settings
 
 MODEL = "minicpm_v_2_6"  # the Triton name; clients may also say "MiniCPM-V-2_6" (an alias)
 
 
 class ServerOnly:
-    """The parts of InferenceBackend besides ``generate``: Triton is up and serves one model."""
+    """The parts of InferenceBackend besides ``generate``: Triton is up and serves one model, without LoRA adapters."""
 
     async def server_ready(self):
         return True
 
     async def ready_models(self):
         return [MODEL]
+
+    async def lora_status(self, model):
+        return LoRAStatus()
 
     async def close(self):
         pass

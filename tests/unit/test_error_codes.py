@@ -9,6 +9,7 @@ import pytest
 from minicpmv.engine.errors import (
     CANCELLED,
     INTERNAL_ERROR,
+    AdapterNotFoundError,
     ContextLengthError,
     EngineStoppedError,
     InvalidRequestError,
@@ -29,13 +30,15 @@ HOSTILE = "request cancelled: model is not ready, unknown model not found, Excee
      BackendError.INVALID, 400, None),
     (QueueFullError(f"retry later ({HOSTILE})"), BackendError.QUEUE_FULL, 429, "queue_full"),
     (EngineStoppedError("the engine is shut down"), BackendError.UNAVAILABLE, 503, "unavailable"),
+    (AdapterNotFoundError(f"no LoRA adapter '{HOSTILE}'", param="model"), BackendError.NOT_FOUND, 404,
+     "model_not_found"),  # OpenAI's answer to a model it does not have
 ])  # fmt: skip
 def test_each_engine_error_keeps_its_class_whatever_its_message_says(error, kind, status, code):
     backend = classify(error.wire())
     assert backend.kind == kind
     api = from_backend(backend)
     assert (api.status, api.code, api.param) == (status, code, error.param)
-    if kind == BackendError.INVALID:
+    if kind in (BackendError.INVALID, BackendError.NOT_FOUND):
         assert api.message == str(error)  # the engine's own words reach the client
 
 

@@ -126,6 +126,7 @@ def test_declared_input_types_match_the_parser(model_dir):
         "messages": ("TYPE_STRING", [1]),
         "sampling_parameters": ("TYPE_STRING", [1]),
         "image": ("TYPE_STRING", [-1]),  # one element per image
+        "lora_control": ("TYPE_STRING", [1]),  # a LoRA control request (JSON)
     }
 
 
