@@ -172,7 +172,7 @@ def engine_stall(checkpoint: Path, streams: int, long_tokens: int) -> dict[str, 
 
     from minicpmv.engine.engine import Engine, EngineConfig
     from minicpmv.engine.request import GenerationRequest
-    from minicpmv.engine.sampling import SamplingParams
+    from minicpmv.engine.sampling_params import SamplingParams
 
     torch.set_num_threads(2)
     engine = Engine.from_pretrained(checkpoint, dtype="float32", config=EngineConfig(

@@ -43,7 +43,7 @@ from PIL import Image, ImageDraw
 from minicpmv.chat import format_chat
 from minicpmv.engine.engine import Engine, EngineConfig
 from minicpmv.engine.request import GenerationRequest
-from minicpmv.engine.sampling import SamplingParams
+from minicpmv.engine.sampling_params import SamplingParams
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 TOPICS = (

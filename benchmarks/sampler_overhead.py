@@ -35,7 +35,7 @@ import torch
 
 from minicpmv.engine.request import TokenLogprob
 from minicpmv.engine.sampler import LogitsProcessor
-from minicpmv.engine.sampling import SamplingParams, apply_penalties, sample
+from minicpmv.engine.sampling_params import SamplingParams, apply_penalties, sample
 
 VOCAB_SIZE = 151666
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from minicpmv.devtools.tiny_checkpoint import write_tiny_checkpoint
     from minicpmv.engine.engine import Engine, EngineConfig
     from minicpmv.engine.request import GenerationRequest
-    from minicpmv.engine.sampling import SamplingParams
+    from minicpmv.engine.sampling_params import SamplingParams
 
     torch.set_num_threads(2)
     ids = iter(range(10**6))

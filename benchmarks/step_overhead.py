@@ -59,7 +59,7 @@ def instrument(engine) -> None:
 
 def measure(engine, batch: int, tokens: int, sampling: dict[str, Any]) -> dict[str, Any]:
     from minicpmv.engine.request import GenerationRequest
-    from minicpmv.engine.sampling import SamplingParams
+    from minicpmv.engine.sampling_params import SamplingParams
 
     SPENT.clear()
     requests = [GenerationRequest(f"b{batch}-{k}-{time.monotonic_ns()}", messages=[{"role": "user", "content":

@@ -33,7 +33,7 @@ from PIL import Image
 
 from minicpmv.engine.errors import InvalidRequestError
 from minicpmv.engine.request import Delta, GenerationRequest
-from minicpmv.engine.sampling import SamplingParams
+from minicpmv.engine.sampling_params import SamplingParams
 from minicpmv.engine.vision_cache import ENCODED_DIGEST
 
 MAX_IMAGE_BYTES = 20 * 1024 * 1024

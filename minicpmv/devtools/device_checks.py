@@ -153,7 +153,7 @@ def golden_request_states(engine, case_name: str, inputs: dict[str, Any], max_ne
     template or tokenizer: the golden checkpoint has none), greedy, stopping at the original stop ids."""
     from minicpmv.engine.detokenizer import IncrementalDetokenizer
     from minicpmv.engine.request import GenerationRequest, ImageInput, RequestState, Sequence
-    from minicpmv.engine.sampling import SamplingParams
+    from minicpmv.engine.sampling_params import SamplingParams
     from minicpmv.image_processing import ProcessedImage
 
     states = []
@@ -365,7 +365,7 @@ _request_ids = itertools.count()
 def chat_request(text: str, images=(), *, max_slice_nums: int | None = None, **sampling):
     """A one-turn chat request: the images, then ``text``; ``sampling`` are SamplingParams fields."""
     from minicpmv.engine.request import GenerationRequest
-    from minicpmv.engine.sampling import SamplingParams
+    from minicpmv.engine.sampling_params import SamplingParams
 
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
     return GenerationRequest(f"check-{next(_request_ids)}", messages=[{"role": "user", "content": content}],

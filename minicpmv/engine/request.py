@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from minicpmv.engine.sampling import SamplingParams
+from minicpmv.engine.sampling_params import SamplingParams
 from minicpmv.image_processing import ProcessedImage
 
 logger = logging.getLogger(__name__)

@@ -26,8 +26,8 @@ Per step, ``choose_all(seqs, logits [B, V])``:
 4. The one device -> host transfer of the step: the chosen ids and the logprob values asked for, in one
    float64 tensor, ``tolist()`` once. Then every grammar accepts its row's token.
 
-``minicpmv.engine.sampling.apply_penalties`` / ``sample`` are the plain one-row reference of steps 2-3 (the
-values of step 2 are equal to theirs; the race replaces ``torch.multinomial``, so seeded outputs differ from
+``minicpmv.engine.sampling_params.apply_penalties`` / ``sample`` are the plain one-row reference of steps
+2-3 (the values of step 2 are equal to theirs; the race replaces ``torch.multinomial``, so seeded outputs differ from
 the per-row sampler's).
 """
 
@@ -68,7 +68,7 @@ def candidates(
     Returns:
         ``(probs, ids)``: probs [n, C] over the candidates ``ids`` [n, C], largest first, C = top_k, or V when
         only top-p truncates; ``(probs [n, V], None)`` when nothing truncates (then the column is the id).
-        As in ``sampling.sample``: top-p keeps the smallest prefix of the top-k candidates whose mass (over
+        As in ``sampling_params.sample``: top-p keeps the smallest prefix of the top-k candidates whose mass (over
         those candidates) reaches top_p; the most likely token always stays. Dividing by the temperature keeps
         the order, so only the candidates are divided: the same values as dividing the whole row first.
     """
@@ -351,7 +351,7 @@ class LogitsProcessor:
 
     def _penalize(self, rows: torch.Tensor, logits: torch.Tensor, plan: _Plan, ints, floats) -> None:
         """Penalties, in place in ``rows``, at the (row, id) entries of the ids concerned, each computed from
-        the row's logit + bias with the operations of ``sampling.apply_penalties`` (so the values are equal);
+        the row's logit + bias with the operations of ``sampling_params.apply_penalties`` (so the values are equal);
         every occurrence of an id gets the same value, so duplicates write the same value."""
         batch, vocab = rows.shape
         arange = torch.arange(batch, device=rows.device)

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 from minicpmv.engine.engine import Engine, EngineConfig
 from minicpmv.engine.errors import ContextLengthError, InvalidRequestError, QueueFullError
 from minicpmv.engine.request import GenerationRequest
-from minicpmv.engine.sampling import SamplingParams
+from minicpmv.engine.sampling_params import SamplingParams
 
 
 @pytest.fixture(scope="module")

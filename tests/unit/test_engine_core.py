@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 
 from minicpmv.engine.engine import Engine, EngineConfig
 from minicpmv.engine.request import GenerationRequest
-from minicpmv.engine.sampling import SamplingParams
+from minicpmv.engine.sampling_params import SamplingParams
 from tests.unit.test_block_manager import keys_for
 
 _ids = iter(range(10**6))

@@ -12,7 +12,7 @@ from PIL import Image
 from minicpmv.chat import ChatFormatError, format_chat
 from minicpmv.engine.engine import Engine, EngineConfig
 from minicpmv.engine.request import GenerationRequest
-from minicpmv.engine.sampling import SamplingParams
+from minicpmv.engine.sampling_params import SamplingParams
 from minicpmv.processing import ImageSettings
 from tests.unit.test_engine_core import page
 

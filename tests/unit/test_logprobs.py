@@ -13,7 +13,7 @@ from minicpmv.engine.detokenizer import IncrementalDetokenizer
 from minicpmv.engine.engine import Engine, EngineConfig
 from minicpmv.engine.output_processor import OutputProcessor
 from minicpmv.engine.request import Delta, GenerationRequest, RequestState, Sequence, TokenLogprob
-from minicpmv.engine.sampling import SamplingParams
+from minicpmv.engine.sampling_params import SamplingParams
 from minicpmv.tokenizer import SPECIAL_TOKENS, TokenPieces
 
 IM_END = SPECIAL_TOKENS["<|im_end|>"]

@@ -14,46 +14,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 
 from minicpmv.engine.engine import Engine, EngineConfig
 from minicpmv.engine.errors import AdapterNotFoundError
 from minicpmv.engine.request import GenerationRequest
-from minicpmv.engine.sampling import SamplingParams
+from minicpmv.engine.sampling_params import SamplingParams
 from minicpmv.image_processing import ImageProcessor
 from minicpmv.loading import load_model
 from minicpmv.lora import AdapterError, load_adapter
 from minicpmv.tokenizer import load_tokenizer
+from tests.lora_adapters import ALL_LINEAR, ATTENTION, make_adapter
 from tests.unit.test_engine_core import page
 
 # Triton's interpreter (the LoRA kernels' test) turns 1-element arrays into ints, which numpy >= 1.25 deprecates.
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
-ATTENTION = r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
-ALL_LINEAR = r"llm\..*layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
 _ids = itertools.count()
-
-
-def make_adapter(checkpoint: Path, out: Path, rank: int, targets: str, seed: int, vision: bool = False,
-                 **lora) -> Path:  # fmt: skip
-    """A PEFT adapter on the tiny model with random A and B (peft's init would make B zero: no effect), and
-    with ``vision`` a vpm_resampler_embedtokens.pt as the recipe's --tune_vision saves it (every vision, resampler
-    and embedding parameter, here the base's moved a little)."""
-    torch.manual_seed(seed)
-    model = load_model(checkpoint, dtype="float32")
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False, **lora)
-    peft_model = get_peft_model(model, config)
-    with torch.no_grad():  # B of a trained adapter is not tiny: make its effect visible on the tiny model
-        for name, parameter in peft_model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.5 / rank**0.5)
-    peft_model.save_pretrained(out)
-    if vision:
-        generator = torch.Generator().manual_seed(seed)
-        state = {name: (p.detach() + 0.05 * torch.randn(p.shape, generator=generator)).contiguous()
-                 for name, p in model.named_parameters()
-                 if name.startswith(("vpm.", "resampler.", "llm.model.embed_tokens.")) and "lora" not in name}  # fmt: skip
-        torch.save(state, out / "vpm_resampler_embedtokens.pt")
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -44,7 +44,7 @@ GUARD = textwrap.dedent("""
 ENGINE = GUARD + textwrap.dedent("""
     from minicpmv.engine.engine import Engine, EngineConfig
     from minicpmv.engine.request import GenerationRequest
-    from minicpmv.engine.sampling import SamplingParams
+    from minicpmv.engine.sampling_params import SamplingParams
 
     engine = Engine.from_pretrained(sys.argv[1], config=EngineConfig(num_kv_blocks=8, max_num_seqs=1))
     try:

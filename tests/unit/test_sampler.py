@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from minicpmv.engine.sampler import LogitsProcessor, candidates, top_k_by_id
-from minicpmv.engine.sampling import SamplingParams, apply_penalties
+from minicpmv.engine.sampling_params import SamplingParams, apply_penalties
 from minicpmv.engine.structured import GrammarCompilerCache, GrammarState
 
 INF = float("inf")
@@ -157,7 +157,7 @@ def test_penalties_bias_and_stop_masks_equal_the_reference_exactly():
 
 
 def test_reference_apply_penalties_matches_the_loops():
-    """``sampling.apply_penalties`` (the plain one-row reference kept in sampling.py) agrees with the loops."""
+    """``sampling_params.apply_penalties`` (the plain one-row reference) agrees with the loops."""
     vocab, known = 300, 300
     seqs, logits = penalty_batch(vocab, known, seed=1)
     for row, seq in enumerate(seqs[:6]):

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from minicpmv.engine.block_manager import BlockManager
 from minicpmv.engine.model_runner import ScheduledSeq
 from minicpmv.engine.request import GenerationRequest, RequestState, Sequence
-from minicpmv.engine.sampling import SamplingParams
+from minicpmv.engine.sampling_params import SamplingParams
 from minicpmv.engine.scheduler import Scheduler
 from tests.unit.test_block_manager_invariants import Held, check
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from minicpmv.engine.engine import Engine, EngineConfig
 from minicpmv.engine.request import GenerationRequest
-from minicpmv.engine.sampling import SamplingParams
+from minicpmv.engine.sampling_params import SamplingParams
 
 _ids = iter(range(10**6))
 SAMPLED = dict(temperature=1.0, top_p=0.95, top_k=0, max_tokens=12, ignore_eos=True)

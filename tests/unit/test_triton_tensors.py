@@ -18,7 +18,7 @@ from PIL import Image
 
 from minicpmv.engine.errors import InvalidRequestError
 from minicpmv.engine.request import Delta, TokenLogprob
-from minicpmv.engine.sampling import MAX_TOP_LOGPROBS, SamplingParams
+from minicpmv.engine.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 from minicpmv_triton import tensors
 from minicpmv_triton.tensors import ParsedRequest, decode_image, parse_request, parse_sampling, response_tensors
 

@@ -1,4 +1,5 @@
-"""Per-request sampling parameters and the per-row logits pipeline.
+"""Per-request sampling parameters (``SamplingParams``: defaults, validation), and the plain one-row
+reference of what the batched sampler (sampler.py) does with them (``apply_penalties``, ``sample``).
 
 Defaults are MiniCPM-V's own ``chat()`` sampling defaults (MODEL_FACTS §7.1): temperature
 0.7, top_p 0.8, top_k 100, repetition_penalty 1.05; stop on ``<|im_end|>`` / ``<|endoftext|>``.
