@@ -41,7 +41,6 @@ import functools
 import hashlib
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -367,14 +366,11 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def hardware() -> dict[str, Any]:
-    model = platform.processor() or ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu_model": model, "cpu_cores": usable, "python": platform.python_version()}
+    """The machine, as the Batch API benchmark reports it (the sibling script's own function)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from batch_api import hardware as batch_hardware
+
+    return batch_hardware()
 
 
 # ---------------------------------------------------------------- main

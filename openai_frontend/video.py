@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import av
 import av.error
+from av.video.reformatter import VideoReformatter
 from PIL import Image
 
 __all__ = [
@@ -456,6 +457,7 @@ def _decode_selected(data: bytes, limits: VideoLimits, deadline: _Deadline, info
     wanted = set(indices)
     last = indices[-1]
     frames: list[Image.Image] = []
+    reformatter = VideoReformatter()  # this decode's own (see _to_image), freed with it
     index = 0
     demuxer, _ = _sniff(data)
     with _open(data, demuxer, deadline) as container:
@@ -470,7 +472,7 @@ def _decode_selected(data: bytes, limits: VideoLimits, deadline: _Deadline, info
                 if index in wanted:
                     if frame.width * frame.height > limits.max_frame_pixels:
                         raise _frame_too_large(frame.width, frame.height, limits)
-                    frames.append(_keyed(_to_image(frame, limits.max_output_pixels)))
+                    frames.append(_keyed(_to_image(frame, limits.max_output_pixels, reformatter)))
                     deadline.check()
                 index += 1
                 if index > last:
@@ -479,13 +481,23 @@ def _decode_selected(data: bytes, limits: VideoLimits, deadline: _Deadline, info
                      "decoded", VideoError.INVALID)  # fmt: skip
 
 
-def _to_image(frame, max_pixels: int | None) -> Image.Image:
-    """An RGB PIL image of ``frame``, scaled by FFmpeg (area averaging) to at most ``max_pixels``."""
+def _to_image(frame, max_pixels: int | None, reformatter: VideoReformatter) -> Image.Image:
+    """An RGB PIL image of ``frame``, scaled by FFmpeg (area averaging) to at most ``max_pixels``.
+
+    Through the decode's own ``reformatter`` with one thread, not ``frame.to_image()``: that keeps a swscale
+    context with slice threads in a thread-local of the decoding thread, and a process that forks later with a
+    ``preexec_fn`` (subprocess) then hangs in the child, where Python frees the other threads' locals and
+    swscale waits on a condition variable its threads, absent from the child, never signal (seen: the test
+    run's serve.sh children hung in ``pthread_cond_destroy``)."""
     width, height = frame.width, frame.height
-    if max_pixels is None or width * height <= max_pixels:
-        return frame.to_image()
-    scale = (max_pixels / (width * height)) ** 0.5
-    return frame.to_image(width=max(1, int(width * scale)), height=max(1, int(height * scale)), interpolation="AREA")
+    size, interpolation = (width, height), None
+    if max_pixels is not None and width * height > max_pixels:
+        scale = (max_pixels / (width * height)) ** 0.5
+        size, interpolation = (max(1, int(width * scale)), max(1, int(height * scale))), "AREA"
+    rgb = reformatter.reformat(frame, width=size[0], height=size[1], format="rgb24", interpolation=interpolation,
+                               threads=1)  # fmt: skip
+    plane = rgb.planes[0]
+    return Image.frombuffer("RGB", size, bytes(plane), "raw", "RGB", plane.line_size, 1)
 
 
 def _keyed(image: Image.Image) -> Image.Image:

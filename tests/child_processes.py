@@ -38,19 +38,28 @@ def dies_with_us(sig: int = signal.SIGKILL, then: Callable[[], None] | None = No
     return both
 
 
-def dying_with_parent(command: list[str], sig: int = signal.SIGKILL) -> list[str]:
-    """``command`` as it runs when its parent (whatever starts it) should take it along when it dies."""
-    return [sys.executable, str(Path(__file__).resolve()), f"--signal={int(sig)}", *command]
+def dying_with_parent(command: list[str], sig: int = signal.SIGKILL, default_sigint: bool = False) -> list[str]:
+    """``command`` as it runs when its parent (whatever starts it) should take it along when it dies; with
+    ``default_sigint`` SIGINT at its default too (as in a terminal, even when this run inherited it ignored).
+    Unlike a ``preexec_fn`` this runs no Python between fork and exec in the process that starts it (a
+    ``preexec_fn`` is not safe in a process with threads: a child once hung there, on a lock another thread
+    held at the fork)."""
+    flags = [f"--signal={int(sig)}"] + (["--default-sigint"] if default_sigint else [])
+    return [sys.executable, str(Path(__file__).resolve()), *flags, *command]
 
 
 def _exec(argv: list[str]) -> None:
-    sig = signal.SIGKILL
-    if argv and argv[0].startswith("--signal="):
-        sig = int(argv.pop(0).split("=", 1)[1])
+    sig, restore = signal.SIGKILL, [signal.SIGPIPE, signal.SIGXFSZ]
+    while argv and argv[0].startswith("--"):
+        flag = argv.pop(0)
+        if flag.startswith("--signal="):
+            sig = int(flag.split("=", 1)[1])
+        elif flag == "--default-sigint":
+            restore.append(signal.SIGINT)
     die_with_parent(sig)  # the parent is whatever started this script, and stays the command's after the exec
-    # Python ignores these two at start-up; an ignored signal stays ignored across exec, so give them back.
-    for restore in (signal.SIGPIPE, signal.SIGXFSZ):
-        signal.signal(restore, signal.SIG_DFL)
+    # Python ignores SIGPIPE and SIGXFSZ at start-up; an ignored signal stays ignored across exec: give them back.
+    for number in restore:
+        signal.signal(number, signal.SIG_DFL)
     os.execvp(argv[0], argv)
 
 

@@ -386,3 +386,30 @@ def test_decode_video_async_passes_the_inner_deadline_on(mp4_5s):
     with pytest.raises(VideoError) as caught:
         asyncio.run(decode_video_async(mp4_5s, VideoLimits(decode_timeout_s=1e-6)))
     assert caught.value.code == "video_decode_timeout"
+
+
+FORK_AFTER_DECODE = """
+import asyncio, subprocess, sys
+sys.path.insert(0, {root!r})
+from openai_frontend import video
+from tests.frontend.test_video import encode
+data = encode("mp4", "libx264", 20, 10, size=(640, 480))
+decoded = asyncio.run(video.decode_video_async(data, video.VideoLimits(max_output_pixels=160 * 120)))
+assert len(decoded.frames) == 2 and decoded.frames[0].size == (160, 120), decoded.frames[0].size
+subprocess.run(["true"], preexec_fn=lambda: None, check=True)  # the pool's threads are alive meanwhile
+print("forked")
+"""
+
+
+def test_a_process_that_decoded_videos_can_still_fork_with_a_preexec_fn():
+    """Decoding leaves no FFmpeg state in the pool threads' thread-locals: a child forked with a preexec_fn
+    (which frees the other threads' locals) used to hang there forever on swscale's slice-thread condition
+    variable (frame.to_image's thread-local reformatter). Run in a process of its own, with a time limit."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[2])
+    result = subprocess.run([sys.executable, "-c", FORK_AFTER_DECODE.format(root=root)], capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0 and "forked" in result.stdout, result.stderr[-2000:]

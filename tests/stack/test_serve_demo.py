@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from minicpmv_triton.launcher import free_port
-from tests.child_processes import dies_with_us
+from tests.child_processes import dying_with_parent
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,15 +45,15 @@ def demo(tmp_path_factory):
     log = open(tmp / "serve.log", "w+")  # noqa: SIM115 - read back at the end
     # A new session: bash ignores SIGINT in background jobs, and the group signal reaches every child as
     # Ctrl-C in a terminal would.
-    process = subprocess.Popen(
-        ["./scripts/serve.sh", "--demo", "--host", "127.0.0.1", "--port", str(ports["port"]),
-         "--triton-http-port", str(ports["http"]), "--triton-grpc-port", str(ports["grpc"]),
-         "--triton-metrics-port", str(ports["metrics"])],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        # As in a terminal: SIGINT at its default even when this test run inherited it ignored (a run started
-        # in the background, e.g. `nohup ... &`); a shell cannot trap a signal ignored on entry. And killed with the
-        # test run, even if pytest is killed (its watchdog then stops the servers; tests/child_processes.py).
-        preexec_fn=dies_with_us(then=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)))  # fmt: skip
+    # As in a terminal: SIGINT at its default even when this test run inherited it ignored (a run started in the
+    # background, e.g. `nohup ... &`); a shell cannot trap a signal ignored on entry. And killed with the test
+    # run, even if pytest is killed (its watchdog then stops the servers; tests/child_processes.py). Both set by
+    # an exec wrapper, not a preexec_fn (no Python between fork and exec in this threaded process).
+    command = ["./scripts/serve.sh", "--demo", "--host", "127.0.0.1", "--port", str(ports["port"]),
+               "--triton-http-port", str(ports["http"]), "--triton-grpc-port", str(ports["grpc"]),
+               "--triton-metrics-port", str(ports["metrics"])]  # fmt: skip
+    process = subprocess.Popen(dying_with_parent(command, default_sigint=True), cwd=ROOT, env=env, stdout=log,
+                               stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     base = f"http://127.0.0.1:{ports['port']}"
     deadline = time.monotonic() + 400
     while True:
