@@ -4,6 +4,7 @@ failures to it: validation problems, backend errors, and anything unexpected (lo
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -138,6 +139,32 @@ def _unknown_content_part(errors: list[dict]) -> tuple[str, str] | None:
     return None
 
 
+async def _empty_form_field(request: Request, exc: RequestValidationError) -> str | None:
+    """The name of the first "missing" form field the request did send, empty (multipart and urlencoded forms)."""
+    first = next(iter(exc.errors()), None)
+    loc = first.get("loc", ()) if first else ()
+    if first is None or first.get("type") != "missing" or len(loc) != 2 or loc[0] != "body":
+        return None
+    if not request.headers.get("content-type", "").startswith(("multipart/form-data",
+                                                               "application/x-www-form-urlencoded")):  # fmt: skip
+        return None
+    form = await request.form()  # parsed already by FastAPI: cached
+    return str(loc[1]) if form.get(str(loc[1])) == "" else None
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method the app serves at the request's path, sorted: from its OpenAPI document (the routers are
+    nested, and each route knows only its own methods); HEAD wherever GET is (Starlette answers it)."""
+    methods: set[str] = set()
+    for template, item in request.app.openapi().get("paths", {}).items():
+        if re.fullmatch(re.sub(r"\\\{[^}]*\\\}", "[^/]+", re.escape(template)), request.url.path):
+            methods |= {m.upper() for m in item if m.lower() in _HTTP_METHODS}
+    return sorted(methods | ({"HEAD"} if "GET" in methods else set()))
+
+
+_HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -150,6 +177,9 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
+        empty = await _empty_form_field(request, exc)
+        if empty is not None:  # FastAPI reports a form field sent empty as missing: say what it is
+            message, param = f"{empty} is empty", empty
         return APIError(400, message, param=param).response()
 
     @app.exception_handler(StarletteHTTPException)
@@ -157,10 +187,16 @@ def install(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else "error"
         if exc.status_code == 404:
             message = f"no such endpoint: {request.method} {request.url.path}"
-        elif exc.status_code == 405:
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
             message = f"method {request.method} is not allowed on {request.url.path}"
-        # Starlette's 405 carries Allow (RFC 9110 requires it); keep whatever headers the exception has.
-        return APIError(exc.status_code, message, headers=getattr(exc, "headers", None)).response()
+            # Starlette's Allow lists the methods of the first route that matched the path; a path served by
+            # several routes (GET and POST /v1/files) has them all (RFC 9110: the target resource's methods).
+            allowed = _allowed_methods(request)
+            if allowed:
+                headers = {k: v for k, v in (headers or {}).items() if k.lower() != "allow"}
+                headers["Allow"] = ", ".join(allowed)
+        return APIError(exc.status_code, message, headers=headers).response()
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -7,7 +7,7 @@ import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from openai_frontend.batch import validation
 from openai_frontend.batch.objects import batch_object, page
@@ -24,8 +24,10 @@ class BatchCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     input_file_id: str
-    endpoint: str
-    completion_window: str
+    # The OpenAPI document names the values taken (json_schema_extra); the check and its message are ours
+    # (validation.check_endpoint, create_batch), so a wrong value gets a 400 that says what is served.
+    endpoint: str = Field(json_schema_extra={"enum": list(validation.SUPPORTED_ENDPOINTS)})
+    completion_window: str = Field(json_schema_extra={"enum": list(WINDOWS)})
     metadata: dict[str, Any] | None = None
     output_expires_after: dict[str, Any] | None = None  # accepted; output files are kept until deleted
 

@@ -37,7 +37,8 @@ async def _file_row(store: AsyncStore, file_id: str) -> dict:
 
 
 @router.post("/v1/files", responses=_ERRORS, summary="Upload a batch input file (JSONL, purpose \"batch\")")
-async def upload_file(request: Request, file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]):
+async def upload_file(request: Request, file: Annotated[UploadFile, File()],
+                      purpose: Annotated[str, Form(json_schema_extra={"enum": ["batch"]})]):  # fmt: skip
     store = store_of(request)
     settings = request.app.state.settings
     if purpose != "batch":

@@ -1,0 +1,51 @@
+"""The Files and Batch API's HTTP surface as schema-driven clients (schemathesis) read it (issue 26): 405s name
+every method of the path, the OpenAPI document lists the values taken, an empty form field is called empty."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from openai_frontend.app import create_app
+from openai_frontend.settings import Settings
+from tests.unit.fakes import FakeBackend
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    app = create_app(Settings(batch_data_dir=str(tmp_path_factory.mktemp("batches"))),
+                     backend_factory=lambda settings: FakeBackend())  # fmt: skip
+    with TestClient(app) as client:
+        yield client
+
+
+@pytest.mark.parametrize("method, path, allowed", [
+    ("DELETE", "/v1/files", "GET, HEAD, POST"),
+    ("PUT", "/v1/files/file-123", "DELETE, GET, HEAD"),
+    ("PUT", "/v1/batches", "GET, HEAD, POST"),
+    ("GET", "/v1/chat/completions", "POST"),
+])  # fmt: skip
+def test_a_405_allows_every_method_of_its_path(client, method, path, allowed):
+    response = client.request(method, path)
+    assert response.status_code == 405 and response.headers["allow"] == allowed
+    assert response.headers.get_list("allow") == [allowed]  # one header, not Starlette's beside ours
+    assert response.json()["error"]["message"] == f"method {method} is not allowed on {path}"
+
+
+def test_the_openapi_document_lists_the_values_taken(client):
+    spec = client.get("/openapi.json").json()
+    create = spec["components"]["schemas"]["BatchCreate"]["properties"]
+    assert create["endpoint"]["enum"] == ["/v1/chat/completions", "/v1/responses"]
+    assert create["completion_window"]["enum"] == ["24h"]
+    upload = spec["paths"]["/v1/files"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"]
+    form = spec["components"]["schemas"][upload.rsplit("/", 1)[1]]
+    assert form["properties"]["purpose"]["enum"] == ["batch"] and "purpose" in form["required"]
+
+
+def test_an_empty_purpose_is_empty_and_a_missing_one_missing(client):
+    empty = client.post("/v1/files", files={"file": ("a.jsonl", b"{}\n")}, data={"purpose": ""})
+    assert empty.status_code == 400 and empty.json()["error"]["message"] == "purpose is empty"
+    missing = client.post("/v1/files", files={"file": ("a.jsonl", b"{}\n")})
+    assert missing.status_code == 400 and "required" in missing.json()["error"]["message"]
+    other = client.post("/v1/files", files={"file": ("a.jsonl", b"{}\n")}, data={"purpose": "fine-tune"})
+    assert other.status_code == 400 and other.json()["error"]["code"] == "unsupported_purpose"
