@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from minicpmv.engine.config import parse_modules
 from minicpmv_triton.launcher import TritonNotFoundError, TritonServer, TritonStartupError
 from minicpmv_triton.parameters import ENGINES_PER_GPU_ENV
 
@@ -98,17 +99,9 @@ def lora_modules(text: str, models: list[str]) -> str:
     """``--lora-modules`` checked ("name=path,...": each path a PEFT adapter directory, names unique and none a
     model's) and with absolute paths (the server's working directory is not the caller's). Raises ValueError."""
     modules: dict[str, str] = {}
-    for item in text.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        name, sep, path = (part.strip() for part in item.partition("="))
-        if not sep or not name or not path:
-            raise ValueError(f"--lora-modules: {item!r} is not name=path")
+    for name, path in parse_modules(text, "--lora-modules").items():  # the engine's own reading of the list
         if any(c.isspace() for c in name):
             raise ValueError(f"--lora-modules: the name {name!r} has white space")
-        if name in modules:
-            raise ValueError(f"--lora-modules: {name!r} is given twice")
         if name in models:
             raise ValueError(f"--lora-modules: {name!r} is the name of a model; give the adapter another")
         directory = Path(path).expanduser()

@@ -8,6 +8,41 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# LoRA targets (lora_target_modules) and adapter lists (lora_modules): parsed here, where the engine's settings
+# are, for the engine (engine/lora.py) and the launcher (scripts/launch_triton.py) alike.
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+ALL_TARGETS = (*ATTENTION_TARGETS, "gate_proj", "up_proj", "down_proj")
+
+
+def parse_targets(text: str) -> tuple[str, ...]:
+    """``lora_target_modules``: "attention" (q/k/v/o, the recipe's), "all" (+ gate/up/down) or a comma list."""
+    text = text.strip()
+    if text in ("attention", ""):
+        return ATTENTION_TARGETS
+    if text == "all":
+        return ALL_TARGETS
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in ALL_TARGETS]
+    if unknown:
+        raise ValueError(f"lora_target_modules: unknown {unknown}; use attention, all, or of {', '.join(ALL_TARGETS)}")
+    return names
+
+
+def parse_modules(text: str | None, label: str = "lora_modules") -> dict[str, str]:
+    """``lora_modules``: "name=path,name2=path2" (vLLM's ``--lora-modules`` spelling) -> {name: path}; errors
+    (ValueError) start with ``label`` (scripts/launch_triton.py checks ``--lora-modules`` with it too)."""
+    modules: dict[str, str] = {}
+    for item in (text or "").replace("\n", ",").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, sep, path = (part.strip() for part in item.partition("="))
+        if not sep or not name or not path:
+            raise ValueError(f"{label}: {item!r} is not name=path")
+        if name in modules:
+            raise ValueError(f"{label}: {name!r} is given twice")
+        modules[name] = path
+    return modules
 
 @dataclass
 class EngineConfig:

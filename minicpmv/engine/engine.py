@@ -29,7 +29,7 @@ import torch
 
 from minicpmv.chat import ChatFormatError, format_chat
 from minicpmv.engine.block_manager import BlockManager
-from minicpmv.engine.config import EngineConfig
+from minicpmv.engine.config import EngineConfig, parse_modules, parse_targets
 from minicpmv.engine.detokenizer import IncrementalDetokenizer
 from minicpmv.engine.encoder import ImageEncoder
 from minicpmv.engine.errors import (
@@ -40,7 +40,7 @@ from minicpmv.engine.errors import (
     InvalidRequestError,
     QueueFullError,
 )
-from minicpmv.engine.lora import AdapterInfo, LoRAManager, parse_modules, parse_targets
+from minicpmv.engine.lora import AdapterInfo, LoRAManager
 from minicpmv.engine.model_runner import ModelRunner
 from minicpmv.engine.output_processor import OutputProcessor
 from minicpmv.engine.request import (
@@ -321,11 +321,10 @@ class Engine:
             return None, None
         if self.lora is None or request.adapter not in self.lora.names():
             raise AdapterNotFoundError(f"no LoRA adapter {request.adapter!r} on this model", param="model")
-        info = self.lora.info(request.adapter)
         with self.lora.lock:
             entry = self.lora.adapters[request.adapter]
             entry.requests += 1
-        return entry.adapter, f"lora:{info.name}:{info.uid}"
+        return entry.adapter, f"lora:{request.adapter}:{entry.uid}"
 
     def _generator(self, seed: int) -> torch.Generator:
         """A seeded choice's own randomness (the sampler draws unseeded rows from a shared generator)."""

@@ -29,42 +29,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from minicpmv.engine.config import ATTENTION_TARGETS
 from minicpmv.lora import AdapterError, LoRAAdapter, load_adapter, module_key
 
 logger = logging.getLogger(__name__)
 
-ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-ALL_TARGETS = (*ATTENTION_TARGETS, "gate_proj", "up_proj", "down_proj")
-
-
-def parse_targets(text: str) -> tuple[str, ...]:
-    """``lora_target_modules``: "attention" (q/k/v/o, the recipe's), "all" (+ gate/up/down) or a comma list."""
-    text = text.strip()
-    if text in ("attention", ""):
-        return ATTENTION_TARGETS
-    if text == "all":
-        return ALL_TARGETS
-    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
-    unknown = [n for n in names if n not in ALL_TARGETS]
-    if unknown:
-        raise ValueError(f"lora_target_modules: unknown {unknown}; use attention, all, or of {', '.join(ALL_TARGETS)}")
-    return names
-
-
-def parse_modules(text: str | None) -> dict[str, str]:
-    """``lora_modules``: "name=path,name2=path2" (vLLM's ``--lora-modules`` spelling) -> {name: path}."""
-    modules: dict[str, str] = {}
-    for item in (text or "").replace("\n", ",").split(","):
-        item = item.strip()
-        if not item:
-            continue
-        name, sep, path = item.partition("=")
-        if not sep or not name.strip() or not path.strip():
-            raise ValueError(f"lora_modules: {item!r} is not name=path")
-        if name.strip() in modules:
-            raise ValueError(f"lora_modules: {name.strip()!r} is given twice")
-        modules[name.strip()] = path.strip()
-    return modules
 
 
 @dataclass

@@ -13,6 +13,7 @@ graph capture) runs with this runner's GPU current, so nothing lands on, or crea
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -188,13 +189,7 @@ class ModelRunner:
         cos, sin = self._rope(positions)
         for index, layer in enumerate(self.model.llm.model.layers):
             attn = layer.self_attn
-
-            def project(name: str, x: torch.Tensor, module, index: int = index) -> torch.Tensor:
-                y = module(x)
-                if lora is not None and name in self.lora.targets:
-                    y = self.lora.add(f"layers.{index}.{name}", x, y, lora)
-                return y
-
+            project = functools.partial(self._project, index, lora)
             x = layer.input_layernorm(hidden)
             q = project("q_proj", x, attn.q_proj).view(total, self.num_heads, self.head_dim)
             k = project("k_proj", x, attn.k_proj).view(total, self.num_kv_heads, self.head_dim)
@@ -212,6 +207,13 @@ class ModelRunner:
                 gated = mlp.act_fn(project("gate_proj", x, mlp.gate_proj)) * project("up_proj", x, mlp.up_proj)
                 hidden = hidden + project("down_proj", gated, mlp.down_proj)
         return hidden
+
+    def _project(self, index: int, lora: LoRAStep | None, name: str, x: torch.Tensor, module) -> torch.Tensor:
+        """Layer ``index``'s projection ``name`` (``module``) of ``x``, plus its rows' LoRA terms with ``lora``."""
+        y = module(x)
+        if lora is not None and name in self.lora.targets:
+            y = self.lora.add(f"layers.{index}.{name}", x, y, lora)
+        return y
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """lm_head over the vocabulary, float32 [B, V]. On the CPU as W @ h^T: for this tall weight (151,666
