@@ -20,7 +20,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--triton-grpc-url", help="Triton's gRPC address, host:port (default 127.0.0.1:8001)")
     parser.add_argument("--triton-http-url", help="Triton's HTTP address, host:port (default 127.0.0.1:8000)")
     parser.add_argument("--models", help="comma-separated Triton model names to serve (default: all ready)")
-    parser.add_argument("--api-key", action="append", dest="api_keys", help="accepted API key (repeatable)")
+    parser.add_argument("--api-key", action="append", dest="api_keys",
+                        help="accepted API key, 'key' or 'key:tenant' (repeatable)")
+    parser.add_argument("--admin-api-key", action="append", dest="admin_api_keys",
+                        help="API key that sees every tenant's files and batches (repeatable)")
     parser.add_argument("--log-level", help="critical, error, warning, info (default) or debug")
     args = parser.parse_args(argv)
 
@@ -30,7 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings(**overrides)
     except ValidationError as e:
-        print(f"openai_frontend: invalid settings:\n{e}", file=sys.stderr)
+        # Without the values: a wrong API key entry must not end up in a log.
+        problems = "\n".join(f"  {'.'.join(map(str, err['loc']))}: {err['msg']}"
+                             for err in e.errors(include_url=False, include_input=False))
+        print(f"openai_frontend: invalid settings:\n{problems}", file=sys.stderr)
         return 2
 
     import uvicorn

@@ -13,12 +13,13 @@ from openai_frontend import __version__, errors, web
 from openai_frontend.backend import InferenceBackend
 from openai_frontend.balancer import BalancedBackend
 from openai_frontend.batch.runner import start_batches, stop_batches
-from openai_frontend.dependencies import require_api_key
+from openai_frontend.dependencies import authenticate
 from openai_frontend.metrics import Metrics
 from openai_frontend.models import ModelRegistry
 from openai_frontend.routers import batches, chat, files, health, lora, models, responses
 from openai_frontend.serving import ChatService
 from openai_frontend.settings import Settings
+from openai_frontend.tenants import KeyTable
 
 logger = logging.getLogger(__name__)
 
@@ -102,9 +103,10 @@ def create_app(settings: Settings | None = None,
         docs_url=None,  # web.install_docs serves /docs with local assets; ReDoc would need a CDN
         redoc_url=None,
     )
+    app.state.keys = KeyTable(settings.api_keys, settings.admin_api_keys)
     errors.install(app)
     web.install_docs(app)
-    v1 = APIRouter(dependencies=[Depends(require_api_key)])
+    v1 = APIRouter(dependencies=[Depends(authenticate)])
     v1.include_router(chat.router)
     v1.include_router(responses.router)
     v1.include_router(models.router)

@@ -3,7 +3,6 @@ functions in a thread pool, which costs about a quarter of a millisecond each.""
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -12,6 +11,7 @@ from openai_frontend.errors import APIError
 from openai_frontend.models import ModelRegistry
 from openai_frontend.serving import ChatService
 from openai_frontend.settings import Settings
+from openai_frontend.tenants import ANONYMOUS, Principal
 
 
 async def get_settings(request: Request) -> Settings:
@@ -31,12 +31,20 @@ RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 ChatDep = Annotated[ChatService, Depends(get_chat)]
 
 
-async def require_api_key(request: Request, settings: SettingsDep) -> None:
-    if not settings.api_keys:
-        return
+async def authenticate(request: Request) -> Principal:
+    """The caller, from "Authorization: Bearer <key>" when keys are configured (a 401 otherwise). FastAPI runs a
+    dependency once per request, so routes that name ``PrincipalDep`` reuse the router's check."""
+    keys = request.app.state.keys
+    if not keys.enabled:
+        return ANONYMOUS
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key:
         raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
-    if not any(hmac.compare_digest(key.strip().encode(), k.encode()) for k in settings.api_keys):
+    principal = keys.lookup(key)
+    if principal is None:
         raise APIError(401, "incorrect API key", code="invalid_api_key")
+    return principal
+
+
+PrincipalDep = Annotated[Principal, Depends(authenticate)]

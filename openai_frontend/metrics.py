@@ -38,3 +38,11 @@ class Metrics:
                                            registry=r)  # fmt: skip
         self.batches = Counter("minicpmv_frontend_batches", "Batches finished, by final status", ["status"],
                                registry=r)  # fmt: skip
+        self.batch_files_expired = Counter("minicpmv_frontend_batch_files_expired", "Files deleted by the expiry "
+                                           "sweeper", registry=r)  # fmt: skip
+        self.batch_storage_bytes = Gauge("minicpmv_frontend_batch_storage_bytes", "Bytes counted against the batch "
+                                         "storage budget (files and results of unfinished batches), at the last "
+                                         "sweep", registry=r)  # fmt: skip
+        self.batch_storage_refusals = Counter("minicpmv_frontend_batch_storage_refusals", "Uploads refused and "
+                                              "batches stopped for lack of storage, by reason", ["reason"],
+                                              registry=r)  # fmt: skip

@@ -7,6 +7,8 @@ from typing import Annotated
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from openai_frontend.tenants import parse_key
+
 ENV_PREFIX = "MINICPMV_FRONTEND_"
 
 # Names a client may use besides Triton's model names (OpenAI-style and Hugging Face Hub ids).
@@ -37,8 +39,12 @@ class Settings(BaseSettings):
     # Served models (Triton names). Empty: every model Triton reports READY.
     models: CommaList = Field(default_factory=list)
 
-    # Authentication: when keys are set, /v1/* needs "Authorization: Bearer <key>".
+    # Authentication: when keys are set, /v1/* needs "Authorization: Bearer <key>". An entry is "key" or
+    # "key:tenant": files and batches belong to the key's tenant (keys naming one tenant share them; a key without
+    # one is its own tenant) and are invisible to others (openai_frontend/tenants.py). Admin keys see every
+    # tenant's files and batches.
     api_keys: CommaList = Field(default_factory=list)
+    admin_api_keys: CommaList = Field(default_factory=list)
 
     # LoRA adapters: POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's) exist only when this is on
     # (vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING); the models load from under their lora_dir only.
@@ -97,13 +103,32 @@ class Settings(BaseSettings):
     batch_max_file_bytes: int = Field(50 * 2**20, ge=1, description="largest upload (also capped by MAX_BODY_BYTES)")
     batch_max_lines: int = Field(50_000, ge=1, description="requests per batch file")
     batch_max_open_batches: int = Field(16, ge=1, description="batches not yet finished")
-    batch_max_disk_bytes: int = Field(10 * 2**30, ge=1, description="all stored files together (input and output)")
+    # Storage: stored bytes are the files' (input and output) and the results of unfinished batches. An upload
+    # past a budget is refused before it is written (429 storage_quota_exceeded); a batch whose results reach it
+    # ends "failed", its results so far kept. Retention: a file expires EXPIRY seconds after its creation unless
+    # its upload (expires_after) or its batch (output_expires_after) says otherwise, at most MAX_FILE_EXPIRY
+    # (OpenAI's bounds: 1 hour to 30 days); expired files are deleted every SWEEP_INTERVAL seconds, except the
+    # input of a batch that has not finished.
+    batch_max_disk_bytes: int = Field(10 * 2**30, ge=1, description="all tenants' stored bytes together")
+    batch_max_tenant_disk_bytes: int = Field(0, ge=0, description="one tenant's stored bytes (0: only the total)")
+    batch_file_expiry: int = Field(30 * 86400, ge=0, description="seconds a file is kept by default (0: until "
+                                   "deleted)")  # fmt: skip
+    batch_max_file_expiry: int = Field(30 * 86400, ge=3600, le=30 * 86400, description="longest expires_after taken")
+    batch_sweep_interval: float = Field(60.0, gt=0, description="seconds between deletions of expired files")
 
-    @field_validator("models", "api_keys", "remote_image_hosts", "cors_allow_origins", mode="before")
+    @field_validator("models", "api_keys", "admin_api_keys", "remote_image_hosts", "cors_allow_origins",
+                     mode="before")  # fmt: skip
     @classmethod
     def _split(cls, value):
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("api_keys", "admin_api_keys")
+    @classmethod
+    def _key_entries(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            parse_key(entry)  # "key" or "key:tenant"; raises naming what is wrong
         return value
 
     @model_validator(mode="after")

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import Headers
 
 from openai_frontend import errors
-from openai_frontend.batch.store import AsyncStore, PendingLine
+from openai_frontend.batch.store import AsyncStore, PendingLine, StorageError, StoragePolicy
 from openai_frontend.batch.validation import CHAT_ENDPOINT, RESPONSES_ENDPOINT
 from openai_frontend.errors import APIError, to_api_error
 from openai_frontend.schemas import ChatCompletionRequest
@@ -115,6 +115,8 @@ class BatchRunner:
         self._stopping = False
         self._last_interactive = -INTERACTIVE_GRACE
         self._watcher: asyncio.Task | None = None
+        self._next_sweep = 0.0
+        self._unfinishable: dict[str, float] = {}  # batch id -> when its finish last failed for lack of disk
 
     # ------------------------------------------------------------ life
     def start(self) -> None:
@@ -159,6 +161,7 @@ class BatchRunner:
             try:
                 if self._take_lock():
                     await self._step()
+                    await self._sweep()
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - the runner must outlive one bad step (logged, retried)
@@ -207,7 +210,10 @@ class BatchRunner:
         now = time.time()
         for batch in await self.store.active_batches():
             status, batch_id = batch["status"], batch["id"]
-            if status == "validating":
+            if batch["errors"] and status in ("validating", "in_progress"):  # stopped: out of storage
+                if not self._stop_lines(batch_id):
+                    await self._finish(batch_id, "failed")
+            elif status == "validating":
                 await self.store.set_status(batch_id, "in_progress", only_from=("validating",))
             elif status == "cancelling":
                 if not self._stop_lines(batch_id):
@@ -272,8 +278,27 @@ class BatchRunner:
         if len(self._queue) < self.settings.batch_concurrency:
             self._wake.set()  # refill before the queue runs dry (the read waits behind commits), or finalize
 
+    async def _sweep(self) -> None:
+        """Deletes expired files every ``batch_sweep_interval`` seconds (only the process that runs lines)."""
+        if time.monotonic() < self._next_sweep:
+            return
+        self._next_sweep = time.monotonic() + self.settings.batch_sweep_interval
+        deleted = await self.store.sweep()
+        if deleted:
+            self.metrics.batch_files_expired.inc(len(deleted))
+            logger.info("deleted %d expired file(s)", len(deleted))
+        self.metrics.batch_storage_bytes.set(await self.store.disk_used())
+
     async def _finish(self, batch_id: str, status: str) -> None:
-        batch = await self.store.finish(batch_id, status)
+        if time.monotonic() < self._unfinishable.get(batch_id, -1e9) + 30:
+            return  # its files did not fit a moment ago: try again later, not every step
+        try:
+            batch = await self.store.finish(batch_id, status)
+        except StorageError as e:
+            self._unfinishable[batch_id] = time.monotonic()
+            logger.warning("batch %s can't be finished (%s); trying again in 30 s", batch_id, e.message)
+            return
+        self._unfinishable.pop(batch_id, None)
         if batch is not None and batch["status"] == status:
             self.metrics.batches.labels(status).inc()
             logger.info("batch %s %s: %d completed, %d failed of %d", batch_id, status, batch["completed"],
@@ -299,8 +324,20 @@ class BatchRunner:
                   "error": None}  # fmt: skip
         prompt = usage.get("prompt_tokens", usage.get("input_tokens", 0))  # chat completions / responses
         output = usage.get("completion_tokens", usage.get("output_tokens", 0))
-        if await self.store.record(line.batch_id, line.line, "completed", result, prompt, output):
-            self.metrics.batch_lines.labels("completed").inc()
+        await self._record(line, "completed", result, prompt, output)
+
+    async def _record(self, line: PendingLine, state: str, result: dict, prompt: int = 0, output: int = 0) -> None:
+        """Stores a line's result; one that the storage can't take stops its batch (the store marks it; the next
+        step cancels its other lines and ends it "failed" with the results stored so far)."""
+        try:
+            stored = await self.store.record(line.batch_id, line.line, state, result, prompt, output)
+        except StorageError as e:
+            self.metrics.batch_storage_refusals.labels(e.code).inc()
+            logger.warning("batch %s stopped: %s", line.batch_id, e.message)
+            self._wake.set()
+            return
+        if stored:
+            self.metrics.batch_lines.labels(state).inc()
 
     async def _read_body(self, line: PendingLine) -> dict:
         path = self.store.sync.file_path(line.input_file_id)
@@ -325,8 +362,7 @@ class BatchRunner:
         if error.status in RETRIED and line.attempts + 1 < self.settings.batch_max_attempts:
             await self.store.add_attempt(line.batch_id, line.line)
             return
-        if await self.store.record(line.batch_id, line.line, "failed", error_result(line.custom_id, error)):
-            self.metrics.batch_lines.labels("failed").inc()
+        await self._record(line, "failed", error_result(line.custom_id, error))
 
 
 def start_batches(state: Any) -> None:
@@ -336,7 +372,11 @@ def start_batches(state: Any) -> None:
         return
     from openai_frontend.batch.store import Store
 
-    state.batch_store = AsyncStore(Store(state.settings.batch_data_dir, state.settings.batch_db_path or None))
+    settings = state.settings
+    policy = StoragePolicy(max_bytes=settings.batch_max_disk_bytes,
+                           max_tenant_bytes=settings.batch_max_tenant_disk_bytes or None,
+                           file_expiry=settings.batch_file_expiry)  # fmt: skip
+    state.batch_store = AsyncStore(Store(settings.batch_data_dir, settings.batch_db_path or None, policy))
     state.batch_runner = BatchRunner(state, state.batch_store)
     state.batch_runner.start()
 

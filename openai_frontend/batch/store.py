@@ -1,13 +1,22 @@
 """The Batch API's state: SQLite (files, batches, one row per batch line with its stored result) and file
 bodies on disk under the data directory as ``files/<file id>.jsonl``. The schema is created and migrated here
 (``PRAGMA user_version``). Every change is one transaction; a line's result and its state change are written
-together, so a counted line always has its result and a stored result is never run again."""
+together, so a counted line always has its result and a stored result is never run again.
+
+Every file and batch belongs to a tenant (openai_frontend/tenants.py); reads take a ``scope``: a tenant, or
+None for all (an admin key). Another tenant's row is "not found", never "forbidden".
+
+Storage: a body is written and fsynced before its row is committed, and removed after its row is deleted, so a
+crash leaves at most a body without a row, which the next start removes. The bytes counted against the budgets
+(``StoragePolicy``) are the files' and the stored results of unfinished batches (moved into the output files
+when the batch ends, then cleared); every check and the write it allows are one transaction."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
 import functools
 import json
 import os
@@ -21,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from openai_frontend.batch.validation import Scan
+from openai_frontend.tenants import DEFAULT_TENANT
 
 OPEN_STATES = ("validating", "in_progress", "finalizing", "cancelling")
 FINAL_STATES = ("completed", "failed", "expired", "cancelled")
@@ -50,7 +60,74 @@ MIGRATIONS: list[str] = [
     ALTER TABLE batch_lines ADD COLUMN prompt_tokens INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE batch_lines ADD COLUMN completion_tokens INTEGER NOT NULL DEFAULT 0;
     """,
+    # 3: tenants (rows from before belong to the default tenant), retention of batch outputs, stored result bytes
+    # of unfinished batches (results of finished batches are in their output files, and cleared).
+    """
+    ALTER TABLE files ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default';
+    ALTER TABLE batches ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default';
+    ALTER TABLE batches ADD COLUMN output_expires_after INTEGER;
+    ALTER TABLE batches ADD COLUMN result_bytes INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX files_tenant ON files (tenant, bytes);
+    CREATE INDEX files_expiry ON files (expires_at) WHERE expires_at IS NOT NULL;
+    CREATE INDEX batches_tenant ON batches (tenant);
+    UPDATE batch_lines SET result = NULL WHERE result IS NOT NULL AND batch_id IN
+        (SELECT id FROM batches WHERE status IN ('completed', 'failed', 'expired', 'cancelled'));
+    UPDATE batches SET result_bytes = (SELECT COALESCE(SUM(LENGTH(CAST(result AS BLOB)) + 1), 0) FROM batch_lines
+        WHERE batch_id = batches.id AND result IS NOT NULL);
+    """,
 ]
+_OPEN = f"({','.join(repr(s) for s in OPEN_STATES)})"  # constants, for SQL
+
+
+@dataclass(frozen=True)
+class StoragePolicy:
+    """Budgets in bytes (None: none) and the default lifetime of output files in seconds (0: until deleted)."""
+
+    max_bytes: int | None = None
+    max_tenant_bytes: int | None = None
+    file_expiry: int = 0
+
+
+class StorageError(Exception):
+    """A write refused for lack of space: ``code`` for the client, ``message`` saying which limit."""
+
+    code = "insufficient_storage"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class QuotaExceeded(StorageError):
+    code = "storage_quota_exceeded"
+
+
+class DiskFull(StorageError):
+    pass
+
+
+class FileInUse(Exception):
+    def __init__(self, batch_id: str):
+        super().__init__(batch_id)
+        self.batch_id = batch_id
+
+
+def _scope(scope: str | None, column: str = "tenant") -> tuple[str, tuple]:
+    """SQL condition and arguments for rows visible to ``scope`` (None: every tenant's)."""
+    return ("1", ()) if scope is None else (f"{column} = ?", (scope,))
+
+
+def _full(e: sqlite3.OperationalError) -> bool:
+    return getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+
+
+def _fsync_dir(path: Path) -> None:
+    """Makes a rename in ``path`` durable (the entry, not only the file's data)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def new_id(prefix: str) -> str:
@@ -72,13 +149,15 @@ class PendingLine:
 class Store:
     """Synchronous; one connection guarded by a lock (the async side calls it through ``AsyncStore``)."""
 
-    def __init__(self, data_dir: str | Path, db_path: str | Path | None = None):
+    def __init__(self, data_dir: str | Path, db_path: str | Path | None = None,
+                 policy: StoragePolicy | None = None):  # fmt: skip
         self.data_dir = Path(data_dir).expanduser()
         self.files_dir = self.data_dir / "files"
         self.files_dir.mkdir(parents=True, exist_ok=True)
         path = Path(db_path).expanduser() if db_path else self.data_dir / "batches.sqlite3"
         path.parent.mkdir(parents=True, exist_ok=True)
         self.db_path = path
+        self.policy = policy or StoragePolicy()
         self._lock = threading.RLock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.row_factory = sqlite3.Row
@@ -118,13 +197,52 @@ class Store:
             self._db.close()
 
     def _remove_orphans(self) -> None:
-        """Bodies without a row (a crash between writing and committing) and half-written temporaries."""
+        """Bodies without a row (a crash between writing and committing, or between deleting a row and its body)
+        and half-written temporaries."""
         with self._lock:
             known = {row[0] for row in self._db.execute("SELECT id FROM files")}
         for path in self.files_dir.iterdir():
             if path.name.endswith(".tmp") or path.name.removesuffix(".jsonl") not in known:
                 with contextlib.suppress(OSError):
                     path.unlink()
+
+    # ------------------------------------------------------------ storage
+    def _used(self, db: sqlite3.Connection, tenant: str | None) -> int:
+        where, args = _scope(tenant)
+        files = db.execute(f"SELECT COALESCE(SUM(bytes), 0) FROM files WHERE {where}", args).fetchone()[0]
+        results = db.execute(f"SELECT COALESCE(SUM(result_bytes), 0) FROM batches WHERE status IN {_OPEN} AND "
+                             f"{where}", args).fetchone()[0]  # fmt: skip
+        return int(files) + int(results)
+
+    def _check_budget(self, db: sqlite3.Connection, tenant: str, size: int) -> None:
+        """Raises QuotaExceeded if ``size`` more bytes would pass the server's or the tenant's budget."""
+        for limit, scope, whose in ((self.policy.max_bytes, None, "the server's"),
+                                    (self.policy.max_tenant_bytes, tenant, "your")):  # fmt: skip
+            if limit is not None and self._used(db, scope) + size > limit:
+                raise QuotaExceeded(f"{whose} batch storage is full ({limit} bytes); delete files you no longer need")
+
+    def check_budget(self, tenant: str, size: int) -> None:
+        with self._lock:
+            self._check_budget(self._db, tenant, size)
+
+    def disk_used(self, tenant: str | None = None) -> int:
+        """Bytes counted against the budgets: every tenant's, or one tenant's."""
+        with self._lock:
+            return self._used(self._db, tenant)
+
+    def sweep(self, now: int | None = None) -> list[str]:
+        """Deletes the files past their ``expires_at`` that no unfinished batch reads: rows first (one
+        transaction), then bodies; a crash in between leaves bodies without rows, removed at the next start."""
+        now = int(time.time()) if now is None else now
+        with self._tx() as db:
+            ids = [row[0] for row in db.execute(
+                f"SELECT id FROM files WHERE expires_at <= ? AND id NOT IN (SELECT input_file_id FROM batches WHERE "
+                f"status IN {_OPEN})", (now,))]  # fmt: skip
+            db.executemany("DELETE FROM files WHERE id = ?", [(i,) for i in ids])
+        for file_id in ids:
+            with contextlib.suppress(FileNotFoundError):
+                self.file_path(file_id).unlink()
+        return ids
 
     # ------------------------------------------------------------ files
     def file_path(self, file_id: str) -> Path:
@@ -133,78 +251,94 @@ class Store:
     def temp_path(self) -> Path:
         return self.files_dir / f"{secrets.token_hex(8)}.tmp"
 
-    def disk_used(self) -> int:
-        with self._lock:
-            return int(self._db.execute("SELECT COALESCE(SUM(bytes), 0) FROM files").fetchone()[0])
-
-    def add_file(self, temp: Path, filename: str, purpose: str, size: int) -> dict:
-        """Moves a written temporary file into place and records it, in one step as far as readers can see."""
+    def add_file(self, temp: Path, filename: str, purpose: str, size: int, tenant: str = DEFAULT_TENANT,
+                 expires_after: int | None = None) -> dict:  # fmt: skip
+        """Records a written and fsynced temporary file as ``tenant``'s, if the budgets take it (QuotaExceeded
+        otherwise, and nothing is kept). Readers see the file whole or not at all."""
         file_id = new_id("file-")
-        os.replace(temp, self.file_path(file_id))
         now = int(time.time())
-        with self._tx() as db:
-            db.execute("INSERT INTO files (id, filename, purpose, bytes, created_at) VALUES (?, ?, ?, ?, ?)",
-                       (file_id, filename, purpose, size, now))  # fmt: skip
+        expires_at = now + expires_after if expires_after else None
+        try:
+            with self._tx() as db:
+                self._check_budget(db, tenant, size)
+                os.replace(temp, self.file_path(file_id))
+                _fsync_dir(self.files_dir)
+                db.execute("INSERT INTO files (id, filename, purpose, bytes, created_at, expires_at, tenant) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?)", (file_id, filename, purpose, size, now, expires_at, tenant))
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                self.file_path(file_id).unlink()
+            raise
         return self.get_file(file_id)
 
-    def get_file(self, file_id: str) -> dict | None:
+    def get_file(self, file_id: str, scope: str | None = None) -> dict | None:
+        where, args = _scope(scope)
         with self._lock:
-            row = self._db.execute("SELECT * FROM files WHERE id = ?", (file_id,)).fetchone()
+            row = self._db.execute(f"SELECT * FROM files WHERE id = ? AND {where}", (file_id, *args)).fetchone()
         return dict(row) if row else None
 
-    def list_files(self, purpose: str | None, limit: int, order: str, after: str | None) -> tuple[list[dict], bool]:
+    def list_files(self, purpose: str | None, limit: int, order: str, after: str | None,
+                   scope: str | None = None) -> tuple[list[dict], bool]:  # fmt: skip
         op, direction = (">", "ASC") if order == "asc" else ("<", "DESC")
-        where, args = [], []
+        where, args = _scope(scope)
+        where, args = [where], list(args)
         if purpose:
             where.append("purpose = ?")
             args.append(purpose)
         if after:
             where.append(f"rowid {op} COALESCE((SELECT rowid FROM files WHERE id = ?), -1)")
             args.append(after)
-        sql = "SELECT * FROM files" + (" WHERE " + " AND ".join(where) if where else "")
+        sql = "SELECT * FROM files WHERE " + " AND ".join(where)
         with self._lock:
             rows = self._db.execute(f"{sql} ORDER BY rowid {direction} LIMIT ?", (*args, limit + 1)).fetchall()
         return [dict(r) for r in rows[:limit]], len(rows) > limit
 
-    def file_in_use(self, file_id: str) -> str | None:
-        """The id of an unfinished batch reading this file, if any."""
-        with self._lock:
-            row = self._db.execute(
-                f"SELECT id FROM batches WHERE input_file_id = ? AND status IN ({','.join('?' * len(OPEN_STATES))})",
-                (file_id, *OPEN_STATES)).fetchone()  # fmt: skip
-        return row[0] if row else None
-
-    def delete_file(self, file_id: str) -> bool:
+    def delete_file(self, file_id: str, scope: str | None = None) -> bool:
+        """Row, then body. False if ``scope`` sees no such file; FileInUse if an unfinished batch reads it."""
+        where, args = _scope(scope)
         with self._tx() as db:
-            deleted = db.execute("DELETE FROM files WHERE id = ?", (file_id,)).rowcount > 0
+            if db.execute(f"SELECT 1 FROM files WHERE id = ? AND {where}", (file_id, *args)).fetchone() is None:
+                return False
+            batch = db.execute(f"SELECT id FROM batches WHERE input_file_id = ? AND status IN {_OPEN}",
+                               (file_id,)).fetchone()  # fmt: skip
+            if batch is not None:
+                raise FileInUse(batch[0])
+            db.execute("DELETE FROM files WHERE id = ?", (file_id,))
         with contextlib.suppress(FileNotFoundError):
             self.file_path(file_id).unlink()
-        return deleted
+        return True
 
     # ------------------------------------------------------------ batches
     def open_batches(self) -> int:
         with self._lock:
-            sql = f"SELECT COUNT(*) FROM batches WHERE status IN ({','.join('?' * len(OPEN_STATES))})"
-            return int(self._db.execute(sql, OPEN_STATES).fetchone()[0])
+            return int(self._db.execute(f"SELECT COUNT(*) FROM batches WHERE status IN {_OPEN}").fetchone()[0])
 
     def create_batch(self, input_file_id: str, endpoint: str, completion_window: str, metadata: dict | None,
-                     scan: Scan, window_seconds: int) -> dict:  # fmt: skip
+                     scan: Scan, window_seconds: int, tenant: str = DEFAULT_TENANT, scope: str | None = None,
+                     output_expires_after: int | None = None) -> dict | None:  # fmt: skip
+        """None if the input file is gone (deleted or expired since it was read) or not visible to ``scope``."""
         batch_id = new_id("batch_")
         now = int(time.time())
+        where, args = _scope(scope)
         with self._tx() as db:
+            if db.execute(f"SELECT 1 FROM files WHERE id = ? AND COALESCE(expires_at > ?, 1) AND {where}",
+                          (input_file_id, now, *args)).fetchone() is None:  # fmt: skip
+                return None
             db.execute("INSERT INTO batches (id, endpoint, input_file_id, completion_window, status, model, metadata, "
-                       "total, created_at, expires_at) VALUES (?, ?, ?, ?, 'validating', ?, ?, ?, ?, ?)",
+                       "total, created_at, expires_at, tenant, output_expires_after) VALUES (?, ?, ?, ?, 'validating', "
+                       "?, ?, ?, ?, ?, ?, ?)",
                        (batch_id, endpoint, input_file_id, completion_window, scan.model,
                         json.dumps(metadata) if metadata is not None else None, len(scan.lines), now,
-                        now + window_seconds))  # fmt: skip
+                        now + window_seconds, tenant, output_expires_after))  # fmt: skip
             db.executemany("INSERT INTO batch_lines (batch_id, line, custom_id, offset, length) "
                            "VALUES (?, ?, ?, ?, ?)",
                            [(batch_id, ln.number, ln.custom_id, ln.offset, ln.length) for ln in scan.lines])
         return self.get_batch(batch_id)
 
-    def get_batch(self, batch_id: str) -> dict | None:
+    def get_batch(self, batch_id: str, scope: str | None = None) -> dict | None:
+        where, args = _scope(scope)
         with self._lock:
-            row = self._db.execute("SELECT * FROM batches WHERE id = ?", (batch_id,)).fetchone()
+            row = self._db.execute(f"SELECT * FROM batches WHERE id = ? AND {where}", (batch_id, *args)).fetchone()
             if row is None:
                 return None
             batch = dict(row)
@@ -215,19 +349,21 @@ class Store:
         batch["prompt_tokens"], batch["completion_tokens"] = int(counts[2] or 0), int(counts[3] or 0)
         return batch
 
-    def list_batches(self, limit: int, after: str | None) -> tuple[list[dict], bool]:
+    def list_batches(self, limit: int, after: str | None, scope: str | None = None) -> tuple[list[dict], bool]:
+        where, args = _scope(scope)
         with self._lock:
             if after:
-                ids = self._db.execute("SELECT id FROM batches WHERE rowid < COALESCE((SELECT rowid FROM batches "
-                                       "WHERE id = ?), -1) ORDER BY rowid DESC LIMIT ?", (after, limit + 1)).fetchall()
+                ids = self._db.execute(f"SELECT id FROM batches WHERE {where} AND rowid < COALESCE((SELECT rowid FROM "
+                                       "batches WHERE id = ?), -1) ORDER BY rowid DESC LIMIT ?",
+                                       (*args, after, limit + 1)).fetchall()  # fmt: skip
             else:
-                ids = self._db.execute("SELECT id FROM batches ORDER BY rowid DESC LIMIT ?", (limit + 1,)).fetchall()
+                ids = self._db.execute(f"SELECT id FROM batches WHERE {where} ORDER BY rowid DESC LIMIT ?",
+                                       (*args, limit + 1)).fetchall()  # fmt: skip
         return [self.get_batch(r[0]) for r in ids[:limit]], len(ids) > limit
 
     def active_batches(self) -> list[dict]:
         with self._lock:
-            ids = self._db.execute(f"SELECT id FROM batches WHERE status IN ({','.join('?' * len(OPEN_STATES))}) "
-                                   "ORDER BY rowid", OPEN_STATES).fetchall()  # fmt: skip
+            ids = self._db.execute(f"SELECT id FROM batches WHERE status IN {_OPEN} ORDER BY rowid").fetchall()
         return [self.get_batch(r[0]) for r in ids]
 
     def set_status(self, batch_id: str, status: str, only_from: tuple[str, ...] = OPEN_STATES) -> bool:
@@ -238,20 +374,24 @@ class Store:
             changed = db.execute(sql, (status, int(time.time()), batch_id, *only_from)).rowcount
         return changed > 0
 
-    def fail_batch(self, batch_id: str, errors: list[dict]) -> None:
+    def stop_with_error(self, batch_id: str, error: StorageError) -> None:
+        """Marks an unfinished batch to end "failed" with ``error`` (its results so far are kept): no more of its
+        lines start, and the runner finishes it once those running are done."""
+        errors = [{"code": error.code, "message": error.message, "param": None, "line": None}]
         with self._tx() as db:
-            db.execute("UPDATE batches SET status = 'failed', failed_at = ?, errors = ? WHERE id = ?",
-                       (int(time.time()), json.dumps(errors), batch_id))  # fmt: skip
+            db.execute(f"UPDATE batches SET errors = ? WHERE id = ? AND errors IS NULL AND status IN {_OPEN}",
+                       (json.dumps(errors), batch_id))  # fmt: skip
 
     # ------------------------------------------------------------ lines
     def pending_lines(self, limit: int) -> list[PendingLine]:
-        """Lines to run next, oldest batch first, of batches in progress and within their window."""
+        """Lines to run next, oldest batch first, of batches in progress, within their window and not stopped."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT l.batch_id, l.line, l.custom_id, l.offset, l.length, l.attempts, b.input_file_id, b.endpoint "
                 "FROM batches b JOIN batch_lines l ON l.batch_id = b.id "
-                "WHERE b.status = 'in_progress' AND l.state = 'pending' AND COALESCE(b.expires_at > ?, 1) "
-                "ORDER BY b.rowid, l.line LIMIT ?", (int(time.time()), limit)).fetchall()  # fmt: skip
+                "WHERE b.status = 'in_progress' AND b.errors IS NULL AND l.state = 'pending' "
+                "AND COALESCE(b.expires_at > ?, 1) ORDER BY b.rowid, l.line LIMIT ?",
+                (int(time.time()), limit)).fetchall()  # fmt: skip
         return [PendingLine(*row) for row in rows]
 
     def pending_count(self, batch_id: str) -> int:
@@ -261,13 +401,31 @@ class Store:
 
     def record(self, batch_id: str, line: int, state: str, result: dict, prompt_tokens: int = 0,
                completion_tokens: int = 0) -> bool:  # fmt: skip
-        """Stores a line's result and its final state together; False if it already had one (never twice)."""
-        with self._tx() as db:
-            return db.execute(
-                "UPDATE batch_lines SET state = ?, result = ?, prompt_tokens = ?, completion_tokens = ?, "
-                "attempts = attempts + 1 WHERE batch_id = ? AND line = ? AND state = 'pending'",
-                (state, json.dumps(result, separators=(",", ":")), prompt_tokens, completion_tokens, batch_id,
-                 line)).rowcount > 0  # fmt: skip
+        """Stores a line's result and its final state together; False if it already had one (never twice).
+        A result the budgets (or the disk) can't take is not stored: the batch is stopped with the error
+        (``stop_with_error``) and QuotaExceeded or DiskFull raised."""
+        data = json.dumps(result, separators=(",", ":"))
+        size = len(data.encode()) + 1  # and its newline in the output file
+        try:
+            with self._tx() as db:
+                tenant = db.execute("SELECT tenant FROM batches WHERE id = ?", (batch_id,)).fetchone()
+                self._check_budget(db, tenant[0] if tenant else DEFAULT_TENANT, size)
+                stored = db.execute(
+                    "UPDATE batch_lines SET state = ?, result = ?, prompt_tokens = ?, completion_tokens = ?, "
+                    "attempts = attempts + 1 WHERE batch_id = ? AND line = ? AND state = 'pending'",
+                    (state, data, prompt_tokens, completion_tokens, batch_id, line)).rowcount > 0  # fmt: skip
+                if stored:
+                    db.execute("UPDATE batches SET result_bytes = result_bytes + ? WHERE id = ?", (size, batch_id))
+            return stored
+        except QuotaExceeded as e:
+            error: StorageError = e
+        except sqlite3.OperationalError as e:
+            if not _full(e):
+                raise
+            error = DiskFull("the server's disk is full")
+        with contextlib.suppress(sqlite3.OperationalError):  # a full disk may refuse this too: then it stays in progress
+            self.stop_with_error(batch_id, error)
+        raise error
 
     def add_attempt(self, batch_id: str, line: int) -> None:
         with self._tx() as db:
@@ -278,45 +436,63 @@ class Store:
         with self._tx() as db:
             rows = db.execute("SELECT line, custom_id FROM batch_lines WHERE batch_id = ? AND state = 'pending'",
                               (batch_id,)).fetchall()  # fmt: skip
+            results = [(json.dumps(make_result(r[1]), separators=(",", ":")), batch_id, r[0]) for r in rows]
             db.executemany("UPDATE batch_lines SET state = 'failed', result = ? WHERE batch_id = ? AND line = ?",
-                           [(json.dumps(make_result(r[1])), batch_id, r[0]) for r in rows])  # fmt: skip
+                           results)  # fmt: skip
+            db.execute("UPDATE batches SET result_bytes = result_bytes + ? WHERE id = ?",
+                       (sum(len(r[0].encode()) + 1 for r in results), batch_id))  # fmt: skip
 
     def finish(self, batch_id: str, status: str) -> dict:
         """Writes the output and error files from the stored results (line order), records them and moves the
-        batch to ``status``, all or nothing. Safe to repeat after a crash: files of a failed attempt are
-        orphans, removed at the next start."""
+        batch to ``status``, all or nothing; the results then live in the files only. Safe to repeat after a
+        crash: files of a failed attempt are orphans, removed at the next start. DiskFull if the disk can't take
+        the files (nothing is left behind; the batch stays as it was, to be finished later)."""
         batch = self.get_batch(batch_id)
         if batch is None or batch["status"] in FINAL_STATES:
             return batch
         written: dict[str, tuple[Path, int]] = {}
-        for state, kind in (("completed", "output"), ("failed", "error")):
-            temp, size, count = self.temp_path(), 0, 0
-            with self._lock:
-                rows = self._db.execute("SELECT result FROM batch_lines WHERE batch_id = ? AND state = ? ORDER BY "
-                                        "line", (batch_id, state)).fetchall()  # fmt: skip
-            with open(temp, "wb") as f:
-                for (result,) in rows:
-                    data = result.encode() + b"\n"
-                    f.write(data)
-                    size += len(data)
-                    count += 1
-                f.flush()
-                os.fsync(f.fileno())
-            if count:
-                written[kind] = (temp, size)
-            else:
-                temp.unlink()
-        now = int(time.time())
         ids: dict[str, str] = {}
-        for kind, (temp, _) in written.items():
-            ids[kind] = new_id("file-")
-            os.replace(temp, self.file_path(ids[kind]))
-        with self._tx() as db:
-            for kind, (_, size) in written.items():
-                db.execute("INSERT INTO files (id, filename, purpose, bytes, created_at) VALUES (?, ?, "
-                           "'batch_output', ?, ?)", (ids[kind], f"{batch_id}_{kind}.jsonl", size, now))  # fmt: skip
-            db.execute(f"UPDATE batches SET status = ?, {status}_at = ?, output_file_id = ?, error_file_id = ? "
-                       "WHERE id = ?", (status, now, ids.get("output"), ids.get("error"), batch_id))  # fmt: skip
+        try:
+            for state, kind in (("completed", "output"), ("failed", "error")):
+                temp, size = self.temp_path(), 0
+                with self._lock:
+                    rows = self._db.execute("SELECT result FROM batch_lines WHERE batch_id = ? AND state = ? ORDER "
+                                            "BY line", (batch_id, state)).fetchall()  # fmt: skip
+                if not rows:
+                    continue
+                written[kind] = (temp, 0)
+                with open(temp, "wb") as f:
+                    for (result,) in rows:
+                        data = result.encode() + b"\n"
+                        f.write(data)
+                        size += len(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                written[kind] = (temp, size)
+            for kind, (temp, _) in written.items():
+                ids[kind] = new_id("file-")
+                os.replace(temp, self.file_path(ids[kind]))
+            _fsync_dir(self.files_dir)
+            now = int(time.time())
+            lifetime = batch["output_expires_after"] or self.policy.file_expiry
+            with self._tx() as db:
+                for kind, (_, size) in written.items():
+                    db.execute("INSERT INTO files (id, filename, purpose, bytes, created_at, expires_at, tenant) "
+                               "VALUES (?, ?, 'batch_output', ?, ?, ?, ?)",
+                               (ids[kind], f"{batch_id}_{kind}.jsonl", size, now, now + lifetime if lifetime else None,
+                                batch["tenant"]))  # fmt: skip
+                db.execute(f"UPDATE batches SET status = ?, {status}_at = ?, output_file_id = ?, error_file_id = ?, "
+                           "result_bytes = 0 WHERE id = ?",
+                           (status, now, ids.get("output"), ids.get("error"), batch_id))  # fmt: skip
+                db.execute("UPDATE batch_lines SET result = NULL WHERE batch_id = ?", (batch_id,))
+        except (OSError, sqlite3.OperationalError) as e:
+            for path in [temp for temp, _ in written.values()] + [self.file_path(i) for i in ids.values()]:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or (
+                    isinstance(e, sqlite3.OperationalError) and _full(e)):  # fmt: skip
+                raise DiskFull("the server's disk is full") from e
+            raise
         return self.get_batch(batch_id)
 
 

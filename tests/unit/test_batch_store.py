@@ -90,18 +90,27 @@ def test_schema_is_created_and_an_old_database_migrated(tmp_path):
     for statement in filter(str.strip, MIGRATIONS[0].split(";")):
         db.execute(statement)
     db.execute("PRAGMA user_version=1")
-    db.execute("INSERT INTO batches (id, endpoint, input_file_id, completion_window, status, total, created_at) "
-               "VALUES ('batch_" + "1" * 24 + "', '/v1/chat/completions', 'file-x', '24h', 'in_progress', 1, 5)")
-    db.execute("INSERT INTO batch_lines (batch_id, line, custom_id, offset, length) VALUES "
-               "('batch_" + "1" * 24 + "', 1, 'a', 0, 10)")  # fmt: skip
+    running, done = "batch_" + "1" * 24, "batch_" + "2" * 24
+    for batch_id, status in ((running, "in_progress"), (done, "completed")):
+        db.execute("INSERT INTO batches (id, endpoint, input_file_id, completion_window, status, total, created_at) "
+                   f"VALUES ('{batch_id}', '/v1/chat/completions', 'file-x', '24h', '{status}', 1, 5)")
+        db.execute("INSERT INTO batch_lines (batch_id, line, custom_id, offset, length, state, result) VALUES "
+                   f"('{batch_id}', 1, 'a', 0, 10, 'completed', '{{\"é\":1}}')")  # fmt: skip
+    db.execute("INSERT INTO files (id, filename, purpose, bytes, created_at) VALUES ('file-x', 'a', 'batch', 7, 5)")
     db.commit()
     db.close()
     store = Store(tmp_path)
-    assert store._db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 2
-    batch = store.get_batch("batch_" + "1" * 24)  # kept, with the new usage columns
+    assert store._db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 3
+    batch = store.get_batch(running)  # kept, with the new usage columns, in the default tenant
     assert batch["status"] == "in_progress" and batch["prompt_tokens"] == 0 and batch["total"] == 1
+    assert batch["tenant"] == "default" and store.get_file("file-x", "default")["expires_at"] is None
+    # Stored results count as bytes (UTF-8, with their newline) while the batch runs; a finished batch's are in its
+    # output file already and are cleared.
+    assert batch["result_bytes"] == len('{"é":1}'.encode()) + 1 and store.get_batch(done)["result_bytes"] == 0
+    assert store._db.execute(f"SELECT result FROM batch_lines WHERE batch_id = '{done}'").fetchone()[0] is None
+    assert store.disk_used() == 7 + batch["result_bytes"]
     store.close()
-    assert Store(tmp_path).migrate() == 2  # idempotent
+    assert Store(tmp_path).migrate() == 3  # idempotent
 
 
 def test_a_newer_schema_is_refused(tmp_path):
