@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import signal
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,7 +15,7 @@ import pytest
 
 from openai_frontend.batch import validation
 from openai_frontend.batch.runner import INTERACTIVE_GRACE, BatchRunner, error_result
-from openai_frontend.batch.store import MIGRATIONS, Store
+from openai_frontend.batch.store import MIGRATIONS, DiskFull, FileInUse, QuotaExceeded, StoragePolicy, Store
 from openai_frontend.errors import APIError
 from openai_frontend.settings import Settings
 
@@ -196,3 +200,130 @@ def test_runner_yields_to_interactive_requests(monkeypatch):
     assert runner._limit() == 2
     clock[0] += INTERACTIVE_GRACE
     assert runner._limit() == 8
+
+
+# ---------------------------------------------------------------- tenants, retention, storage (issue 26)
+def test_rows_are_seen_only_in_their_tenants_scope(tmp_path):
+    store = Store(tmp_path)
+    temp = write(store.temp_path(), [request_line("c0")])
+    mine = store.add_file(temp, "in.jsonl", "batch", temp.stat().st_size, tenant="team-a")
+    scan = validation.scan(store.file_path(mine["id"]), 10)
+    assert store.create_batch(mine["id"], "/v1/chat/completions", "24h", None, scan, 3600, "team-b", "team-b") is None
+    batch = store.create_batch(mine["id"], "/v1/chat/completions", "24h", None, scan, 3600, "team-a", "team-a")
+    for scope, visible in (("team-a", True), ("team-b", False), (None, True)):  # None: an admin key
+        assert (store.get_file(mine["id"], scope) is not None) == visible
+        assert (store.get_batch(batch["id"], scope) is not None) == visible
+        assert len(store.list_files(None, 10, "desc", None, scope)[0]) == visible
+        assert len(store.list_batches(10, None, scope)[0]) == visible
+    assert not store.delete_file(mine["id"], "team-b")
+    with pytest.raises(FileInUse):  # the batch has not finished
+        store.delete_file(mine["id"], "team-a")
+    assert store.disk_used("team-a") == mine["bytes"] and store.disk_used("team-b") == 0
+
+
+def test_the_sweeper_deletes_expired_files_but_not_a_running_batchs_input(tmp_path):
+    store = Store(tmp_path)
+    batch_id, _ = new_batch(store, tmp_path)
+    source = store.get_batch(batch_id)["input_file_id"]
+    temp = write(store.temp_path(), [request_line("x")])
+    other = store.add_file(temp, "other.jsonl", "batch", temp.stat().st_size, expires_after=3600)
+    assert other["expires_at"] == other["created_at"] + 3600
+    store._db.execute("UPDATE files SET expires_at = 1")  # both long expired
+    assert store.sweep() == [other["id"]]  # the batch's input stays while the batch runs
+    assert not store.file_path(other["id"]).exists() and store.file_path(source).exists()
+    store.set_status(batch_id, "cancelling")
+    store.finish(batch_id, "cancelled")
+    assert store.sweep() == [source] and sorted(store.files_dir.iterdir()) == []
+
+
+SWEEP_THEN_DIE = """
+import os, pathlib, signal, sys
+from openai_frontend.batch.store import Store
+store = Store(sys.argv[1])
+unlink = pathlib.Path.unlink
+def die(path, *args, **kwargs):  # the rows are deleted and committed; the process dies before any body goes
+    os.kill(os.getpid(), signal.SIGKILL)
+pathlib.Path.unlink = die
+store.sweep()
+"""
+
+
+def test_a_kill_between_deleting_rows_and_bodies_leaves_no_orphan_after_restart(tmp_path):
+    store = Store(tmp_path)
+    expired, kept = [], None
+    for i in range(3):
+        temp = write(store.temp_path(), [request_line(f"c{i}")])
+        row = store.add_file(temp, f"{i}.jsonl", "batch", temp.stat().st_size, expires_after=3600)
+        if i < 2:
+            expired.append(row["id"])
+            store._db.execute("UPDATE files SET expires_at = 1 WHERE id = ?", (row["id"],))
+        else:
+            kept = row["id"]
+    store.close()
+    killed = subprocess.run([sys.executable, "-c", SWEEP_THEN_DIE, str(tmp_path)], cwd=Path(__file__).parents[2],
+                            capture_output=True, timeout=60)  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    assert len(list((tmp_path / "files").iterdir())) == 3  # rows gone, bodies still there: the crash window
+
+    store = Store(tmp_path)  # the restart
+    assert [f["id"] for f in store.list_files(None, 10, "asc", None)[0]] == [kept]
+    assert [p.name for p in store.files_dir.iterdir()] == [f"{kept}.jsonl"]  # rows and bodies agree
+
+
+def test_a_result_past_the_budget_stops_its_batch_and_the_stored_ones_are_kept(tmp_path):
+    store = Store(tmp_path)
+    batch_id, _ = new_batch(store, tmp_path)
+    used = store.disk_used()
+    result = {"custom_id": "c0", "response": {"body": "x" * 100}}
+    size = len(json.dumps(result, separators=(",", ":"))) + 1
+    store.close()
+    store = Store(tmp_path, policy=StoragePolicy(max_bytes=used + size + size // 2))
+    store.set_status(batch_id, "in_progress", only_from=("validating",))
+    assert store.record(batch_id, 1, "completed", result)
+    assert store.disk_used() == used + size
+    with pytest.raises(QuotaExceeded):
+        store.record(batch_id, 2, "completed", {**result, "custom_id": "c1"})
+    batch = store.get_batch(batch_id)
+    assert batch["completed"] == 1 and json.loads(batch["errors"])[0]["code"] == "storage_quota_exceeded"
+    assert store.pending_lines(10) == []  # no more of its lines start
+    done = store.finish(batch_id, "failed")
+    assert done["status"] == "failed" and done["completed"] == 1 and done["error_file_id"] is None
+    assert [json.loads(x)["custom_id"] for x in store.file_path(done["output_file_id"]).read_text().splitlines()] \
+        == ["c0"]
+    assert store.disk_used() == used + size  # now the output file's bytes, counted once
+
+
+def test_a_full_disk_while_finishing_leaves_nothing_half_written(tmp_path, monkeypatch):
+    store = Store(tmp_path)
+    batch_id, _ = new_batch(store, tmp_path)
+    store.set_status(batch_id, "in_progress", only_from=("validating",))
+    store.record(batch_id, 1, "completed", {"custom_id": "c0"})
+    store.record(batch_id, 2, "failed", {"custom_id": "c1"})
+    before = sorted(store.files_dir.iterdir())
+    real_open = open
+
+    def full(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        if "w" in mode:
+            f.write = lambda data: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))
+        return f
+
+    monkeypatch.setattr("openai_frontend.batch.store.open", full, raising=False)
+    with pytest.raises(DiskFull):
+        store.finish(batch_id, "completed")
+    assert sorted(store.files_dir.iterdir()) == before  # no temporary, no output
+    assert store.get_batch(batch_id)["status"] == "in_progress"
+    monkeypatch.undo()
+    done = store.finish(batch_id, "completed")  # space came back: the stored results are all there
+    assert (done["completed"], done["failed"]) == (1, 1) and done["output_file_id"] and done["error_file_id"]
+
+
+def test_a_full_database_stops_the_batch_as_a_full_disk(tmp_path):
+    store = Store(tmp_path)
+    batch_id, _ = new_batch(store, tmp_path)
+    store.set_status(batch_id, "in_progress", only_from=("validating",))
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store._db.execute(f"PRAGMA max_page_count = {pages + 1}")  # SQLite's own SQLITE_FULL, as on a full disk
+    with pytest.raises(DiskFull):
+        store.record(batch_id, 1, "completed", {"custom_id": "c0", "big": "x" * 200_000})
+    assert store.pending_count(batch_id) == 4  # not stored, not counted

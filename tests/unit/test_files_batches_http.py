@@ -3,6 +3,9 @@ every method of the path, the OpenAPI document lists the values taken, an empty 
 
 from __future__ import annotations
 
+import errno
+import json
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -49,3 +52,36 @@ def test_an_empty_purpose_is_empty_and_a_missing_one_missing(client):
     assert missing.status_code == 400 and "required" in missing.json()["error"]["message"]
     other = client.post("/v1/files", files={"file": ("a.jsonl", b"{}\n")}, data={"purpose": "fine-tune"})
     assert other.status_code == 400 and other.json()["error"]["code"] == "unsupported_purpose"
+
+
+def test_the_openapi_document_gives_the_bounds_of_expiry(client):
+    spec = client.get("/openapi.json").json()
+    upload = spec["paths"]["/v1/files"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"]
+    form = spec["components"]["schemas"][upload.rsplit("/", 1)[1]]["properties"]
+    seconds = next(s for s in form["expires_after[seconds]"]["anyOf"] if s.get("type") == "integer")
+    assert (seconds["minimum"], seconds["maximum"]) == (3600, 2592000)
+    assert {"type": "string", "const": "created_at"} in form["expires_after[anchor]"]["anyOf"]
+    batch = spec["components"]["schemas"]["OutputExpiresAfter"]["properties"]
+    assert (batch["seconds"]["minimum"], batch["seconds"]["maximum"]) == (3600, 2592000)
+
+
+def test_a_full_disk_during_an_upload_is_a_507_and_leaves_nothing(client, monkeypatch):
+    files_dir = client.app.state.batch_store.sync.files_dir
+    before = sorted(files_dir.iterdir())
+    real_open = open
+
+    def full(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        f.write = lambda data: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))
+        return f
+
+    monkeypatch.setattr("openai_frontend.routers.files.open", full, raising=False)
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {}}
+    response = client.post("/v1/files", files={"file": ("a.jsonl", json.dumps(line).encode())},
+                           data={"purpose": "batch"})  # fmt: skip
+    assert response.status_code == 507 and response.json()["error"]["code"] == "insufficient_storage"
+    assert response.headers["x-should-retry"] == "false"
+    assert sorted(files_dir.iterdir()) == before
+    monkeypatch.undo()
+    assert client.post("/v1/files", files={"file": ("a.jsonl", json.dumps(line).encode())},
+                       data={"purpose": "batch"}).status_code == 200  # fmt: skip
