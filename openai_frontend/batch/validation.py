@@ -8,6 +8,9 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, StringConstraints
 
 from openai_frontend.errors import APIError, invalid
 
@@ -19,6 +22,11 @@ OPENAI_ENDPOINTS = (CHAT_ENDPOINT, RESPONSES_ENDPOINT, "/v1/embeddings", "/v1/co
 SUPPORTED_ENDPOINTS = (CHAT_ENDPOINT, RESPONSES_ENDPOINT)
 MAX_CUSTOM_ID = 512
 MAX_LINE_BYTES = 64 * 2**20
+
+# A batch's metadata, OpenAI's rule in its OpenAPI form: at most 16 pairs, keys up to 64 characters, string values
+# up to 512 (checked when the request is parsed, and published in /openapi.json).
+Metadata = Annotated[dict[Annotated[str, StringConstraints(max_length=64)], Annotated[str, StringConstraints(
+    max_length=512)]], Field(max_length=16)]
 
 _FILE_ID = re.compile(r"file-[0-9a-f]{24}")
 _BATCH_ID = re.compile(r"batch_[0-9a-f]{24}")
@@ -125,14 +133,3 @@ def scan(path: Path, max_lines: int) -> Scan:
     if not lines:
         raise invalid("the file has no requests", "file", code="empty_file")
     return Scan(url=url or "", model=model, lines=lines)
-
-
-def check_metadata(metadata: dict | None) -> None:
-    """OpenAI's rule: at most 16 pairs, string keys up to 64 and string values up to 512 characters."""
-    if metadata is None:
-        return
-    if len(metadata) > 16:
-        raise invalid("metadata takes at most 16 key-value pairs", "metadata")
-    for key, value in metadata.items():
-        if not isinstance(value, str) or len(key) > 64 or len(value) > 512:
-            raise invalid("metadata keys are strings up to 64 characters, values strings up to 512", "metadata")

@@ -5,7 +5,7 @@ A batch belongs to the caller's tenant, as its output files do; its input file m
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -39,7 +39,7 @@ class BatchCreate(BaseModel):
     # (validation.check_endpoint, create_batch), so a wrong value gets a 400 that says what is served.
     endpoint: str = Field(json_schema_extra={"enum": list(validation.SUPPORTED_ENDPOINTS)})
     completion_window: str = Field(json_schema_extra={"enum": list(WINDOWS)})
-    metadata: dict[str, Any] | None = None
+    metadata: validation.Metadata | None = None
     output_expires_after: OutputExpiresAfter | None = None
 
 
@@ -50,7 +50,6 @@ async def create_batch(body: BatchCreate, request: Request, principal: Principal
     validation.check_endpoint(body.endpoint)
     if body.completion_window not in WINDOWS:
         raise invalid("completion_window must be \"24h\"", "completion_window")
-    validation.check_metadata(body.metadata)
     expires = body.output_expires_after
     lifetime = expiry_seconds(request, expires.seconds, "output_expires_after") if expires else None
     row = await _file_row(store, body.input_file_id, principal, "input_file_id")

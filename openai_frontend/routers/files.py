@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse
+from pydantic import WithJsonSchema
 
 from openai_frontend.batch import validation
 from openai_frontend.batch.objects import file_object, page
@@ -61,12 +62,16 @@ async def _file_row(store: AsyncStore, file_id: str, principal: PrincipalDep, pa
     return row
 
 
+# The expiry's form fields (the SDKs send expires_after as "expires_after[anchor]" and "expires_after[seconds]") are
+# optional, and published without FastAPI's "or null": a multipart form has no null.
 @router.post("/v1/files", responses=_ERRORS, summary="Upload a batch input file (JSONL, purpose \"batch\")")
 async def upload_file(request: Request, principal: PrincipalDep, file: Annotated[UploadFile, File()],
                       purpose: Annotated[str, Form(json_schema_extra={"enum": ["batch"]})],
-                      anchor: Annotated[Literal["created_at"] | None, Form(alias="expires_after[anchor]")] = None,
-                      seconds: Annotated[int | None, Form(alias="expires_after[seconds]", ge=MIN_EXPIRY,
-                                                          le=MAX_EXPIRY)] = None):  # fmt: skip
+                      anchor: Annotated[Literal["created_at"] | None, Form(alias="expires_after[anchor]"),
+                                        WithJsonSchema({"type": "string", "enum": ["created_at"]})] = None,
+                      seconds: Annotated[int | None, Form(alias="expires_after[seconds]", ge=MIN_EXPIRY, le=MAX_EXPIRY),
+                                         WithJsonSchema({"type": "integer", "minimum": MIN_EXPIRY,
+                                                         "maximum": MAX_EXPIRY})] = None):  # fmt: skip
     store = store_of(request)
     settings = request.app.state.settings
     if purpose != "batch":
