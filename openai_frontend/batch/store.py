@@ -17,6 +17,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import errno
+import fcntl
 import functools
 import json
 import os
@@ -196,10 +197,23 @@ class Store:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            self._users.close()
 
     def _remove_orphans(self) -> None:
         """Bodies without a row (a crash between writing and committing, or between deleting a row and its body)
-        and half-written temporaries."""
+        and half-written temporaries, when no other process uses the directory (another frontend may be between
+        writing a body and committing its row). Every store holds ``users.lock`` shared for its life; the one
+        that gets it alone cleans up."""
+        self._users = open(self.data_dir / "users.lock", "a")  # noqa: SIM115 - held until close()
+        try:
+            fcntl.flock(self._users, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fcntl.flock(self._users, fcntl.LOCK_SH)  # others run here: the next lone start cleans up
+            return
+        self._remove_orphans_locked()
+        fcntl.flock(self._users, fcntl.LOCK_SH)
+
+    def _remove_orphans_locked(self) -> None:
         with self._lock:
             known = {row[0] for row in self._db.execute("SELECT id FROM files")}
         for path in self.files_dir.iterdir():

@@ -327,3 +327,15 @@ def test_a_full_database_stops_the_batch_as_a_full_disk(tmp_path):
     with pytest.raises(DiskFull):
         store.record(batch_id, 1, "completed", {"custom_id": "c0", "big": "x" * 200_000})
     assert store.pending_count(batch_id) == 4  # not stored, not counted
+
+
+def test_a_start_beside_a_running_frontend_leaves_its_uploads_alone(tmp_path):
+    running = Store(tmp_path)  # another frontend on the directory, in the middle of an upload
+    temp = running.temp_path()
+    temp.write_text("half an upload")
+    beside = Store(tmp_path)
+    assert temp.exists()  # not an orphan: its writer is alive
+    beside.close()
+    running.close()
+    Store(tmp_path).close()  # alone: cleans up
+    assert not temp.exists()
