@@ -27,7 +27,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import Headers
 
 from openai_frontend import errors
-from openai_frontend.batch.store import AsyncStore, PendingLine, StorageError, StoragePolicy
+from openai_frontend.batch.storage import StorageError, StoragePolicy
+from openai_frontend.batch.store import AsyncStore, PendingLine
 from openai_frontend.batch.validation import CHAT_ENDPOINT, RESPONSES_ENDPOINT
 from openai_frontend.errors import APIError, to_api_error
 from openai_frontend.schemas import ChatCompletionRequest

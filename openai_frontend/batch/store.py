@@ -30,105 +30,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from openai_frontend.batch.schema import FINAL_STATES, MIGRATIONS, OPEN_SQL, OPEN_STATES
+from openai_frontend.batch.storage import (
+    DiskFull,
+    FileInUse,
+    QuotaExceeded,
+    StorageError,
+    StoragePolicy,
+    fsync_dir,
+    sqlite_full,  # fmt: skip
+)
 from openai_frontend.batch.validation import Scan
 from openai_frontend.tenants import DEFAULT_TENANT
-
-OPEN_STATES = ("validating", "in_progress", "finalizing", "cancelling")
-FINAL_STATES = ("completed", "failed", "expired", "cancelled")
-
-# Migrations: the schema at version i+1 is MIGRATIONS[: i+1] applied in order. Append, never edit.
-MIGRATIONS: list[str] = [
-    """
-    CREATE TABLE files (
-        id TEXT PRIMARY KEY, filename TEXT NOT NULL, purpose TEXT NOT NULL, bytes INTEGER NOT NULL,
-        created_at INTEGER NOT NULL, expires_at INTEGER);
-    CREATE TABLE batches (
-        id TEXT PRIMARY KEY, endpoint TEXT NOT NULL, input_file_id TEXT NOT NULL,
-        completion_window TEXT NOT NULL, status TEXT NOT NULL, model TEXT, metadata TEXT, errors TEXT,
-        total INTEGER NOT NULL, output_file_id TEXT, error_file_id TEXT,
-        created_at INTEGER NOT NULL, expires_at INTEGER, in_progress_at INTEGER, finalizing_at INTEGER,
-        completed_at INTEGER, failed_at INTEGER, expired_at INTEGER, cancelling_at INTEGER, cancelled_at INTEGER);
-    CREATE INDEX batches_status ON batches (status);
-    CREATE TABLE batch_lines (
-        batch_id TEXT NOT NULL, line INTEGER NOT NULL, custom_id TEXT NOT NULL,
-        offset INTEGER NOT NULL, length INTEGER NOT NULL,
-        state TEXT NOT NULL DEFAULT 'pending', attempts INTEGER NOT NULL DEFAULT 0, result TEXT,
-        PRIMARY KEY (batch_id, line));
-    CREATE INDEX batch_lines_state ON batch_lines (batch_id, state, line);
-    """,
-    # 2: token usage per line, summed into the batch's "usage" object.
-    """
-    ALTER TABLE batch_lines ADD COLUMN prompt_tokens INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE batch_lines ADD COLUMN completion_tokens INTEGER NOT NULL DEFAULT 0;
-    """,
-    # 3: tenants (rows from before belong to the default tenant), retention of batch outputs, stored result bytes
-    # of unfinished batches (results of finished batches are in their output files, and cleared).
-    """
-    ALTER TABLE files ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default';
-    ALTER TABLE batches ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default';
-    ALTER TABLE batches ADD COLUMN output_expires_after INTEGER;
-    ALTER TABLE batches ADD COLUMN result_bytes INTEGER NOT NULL DEFAULT 0;
-    CREATE INDEX files_tenant ON files (tenant, bytes);
-    CREATE INDEX files_expiry ON files (expires_at) WHERE expires_at IS NOT NULL;
-    CREATE INDEX batches_tenant ON batches (tenant);
-    UPDATE batch_lines SET result = NULL WHERE result IS NOT NULL AND batch_id IN
-        (SELECT id FROM batches WHERE status IN ('completed', 'failed', 'expired', 'cancelled'));
-    UPDATE batches SET result_bytes = (SELECT COALESCE(SUM(LENGTH(CAST(result AS BLOB)) + 1), 0) FROM batch_lines
-        WHERE batch_id = batches.id AND result IS NOT NULL);
-    """,
-]
-_OPEN = f"({','.join(repr(s) for s in OPEN_STATES)})"  # constants, for SQL
-
-
-@dataclass(frozen=True)
-class StoragePolicy:
-    """Budgets in bytes (None: none) and the default lifetime of output files in seconds (0: until deleted)."""
-
-    max_bytes: int | None = None
-    max_tenant_bytes: int | None = None
-    file_expiry: int = 0
-
-
-class StorageError(Exception):
-    """A write refused for lack of space: ``code`` for the client, ``message`` saying which limit."""
-
-    code = "insufficient_storage"
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
-
-
-class QuotaExceeded(StorageError):
-    code = "storage_quota_exceeded"
-
-
-class DiskFull(StorageError):
-    pass
-
-
-class FileInUse(Exception):
-    def __init__(self, batch_id: str):
-        super().__init__(batch_id)
-        self.batch_id = batch_id
 
 
 def _scope(scope: str | None, column: str = "tenant") -> tuple[str, tuple]:
     """SQL condition and arguments for rows visible to ``scope`` (None: every tenant's)."""
     return ("1", ()) if scope is None else (f"{column} = ?", (scope,))
 
-
-def _full(e: sqlite3.OperationalError) -> bool:
-    return getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
-
-
-def _fsync_dir(path: Path) -> None:
-    """Makes a rename in ``path`` durable (the entry, not only the file's data)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def new_id(prefix: str) -> str:
@@ -225,7 +144,7 @@ class Store:
     def _used(self, db: sqlite3.Connection, tenant: str | None) -> int:
         where, args = _scope(tenant)
         files = db.execute(f"SELECT COALESCE(SUM(bytes), 0) FROM files WHERE {where}", args).fetchone()[0]
-        results = db.execute(f"SELECT COALESCE(SUM(result_bytes), 0) FROM batches WHERE status IN {_OPEN} AND "
+        results = db.execute(f"SELECT COALESCE(SUM(result_bytes), 0) FROM batches WHERE status IN {OPEN_SQL} AND "
                              f"{where}", args).fetchone()[0]  # fmt: skip
         return int(files) + int(results)
 
@@ -252,7 +171,7 @@ class Store:
         with self._tx() as db:
             ids = [row[0] for row in db.execute(
                 f"SELECT id FROM files WHERE expires_at <= ? AND id NOT IN (SELECT input_file_id FROM batches WHERE "
-                f"status IN {_OPEN})", (now,))]  # fmt: skip
+                f"status IN {OPEN_SQL})", (now,))]  # fmt: skip
             db.executemany("DELETE FROM files WHERE id = ?", [(i,) for i in ids])
         for file_id in ids:
             with contextlib.suppress(FileNotFoundError):
@@ -277,7 +196,7 @@ class Store:
             with self._tx() as db:
                 self._check_budget(db, tenant, size)
                 os.replace(temp, self.file_path(file_id))
-                _fsync_dir(self.files_dir)
+                fsync_dir(self.files_dir)
                 db.execute("INSERT INTO files (id, filename, purpose, bytes, created_at, expires_at, tenant) "
                            "VALUES (?, ?, ?, ?, ?, ?, ?)", (file_id, filename, purpose, size, now, expires_at, tenant))
         except BaseException:
@@ -314,7 +233,7 @@ class Store:
         with self._tx() as db:
             if db.execute(f"SELECT 1 FROM files WHERE id = ? AND {where}", (file_id, *args)).fetchone() is None:
                 return False
-            batch = db.execute(f"SELECT id FROM batches WHERE input_file_id = ? AND status IN {_OPEN}",
+            batch = db.execute(f"SELECT id FROM batches WHERE input_file_id = ? AND status IN {OPEN_SQL}",
                                (file_id,)).fetchone()  # fmt: skip
             if batch is not None:
                 raise FileInUse(batch[0])
@@ -326,7 +245,7 @@ class Store:
     # ------------------------------------------------------------ batches
     def open_batches(self) -> int:
         with self._lock:
-            return int(self._db.execute(f"SELECT COUNT(*) FROM batches WHERE status IN {_OPEN}").fetchone()[0])
+            return int(self._db.execute(f"SELECT COUNT(*) FROM batches WHERE status IN {OPEN_SQL}").fetchone()[0])
 
     def create_batch(self, input_file_id: str, endpoint: str, completion_window: str, metadata: dict | None,
                      scan: Scan, window_seconds: int, tenant: str = DEFAULT_TENANT, scope: str | None = None,
@@ -378,7 +297,7 @@ class Store:
 
     def active_batches(self) -> list[dict]:
         with self._lock:
-            ids = self._db.execute(f"SELECT id FROM batches WHERE status IN {_OPEN} ORDER BY rowid").fetchall()
+            ids = self._db.execute(f"SELECT id FROM batches WHERE status IN {OPEN_SQL} ORDER BY rowid").fetchall()
         return [self.get_batch(r[0]) for r in ids]
 
     def set_status(self, batch_id: str, status: str, only_from: tuple[str, ...] = OPEN_STATES) -> bool:
@@ -394,7 +313,7 @@ class Store:
         lines start, and the runner finishes it once those running are done."""
         errors = [{"code": error.code, "message": error.message, "param": None, "line": None}]
         with self._tx() as db:
-            db.execute(f"UPDATE batches SET errors = ? WHERE id = ? AND errors IS NULL AND status IN {_OPEN}",
+            db.execute(f"UPDATE batches SET errors = ? WHERE id = ? AND errors IS NULL AND status IN {OPEN_SQL}",
                        (json.dumps(errors), batch_id))  # fmt: skip
 
     # ------------------------------------------------------------ lines
@@ -435,10 +354,10 @@ class Store:
         except QuotaExceeded as e:
             error: StorageError = e
         except sqlite3.OperationalError as e:
-            if not _full(e):
+            if not sqlite_full(e):
                 raise
             error = DiskFull("the server's disk is full")
-        with contextlib.suppress(sqlite3.OperationalError):  # a full disk may refuse this too: then it stays in progress
+        with contextlib.suppress(sqlite3.OperationalError):  # a full disk may refuse this too: it stays in progress
             self.stop_with_error(batch_id, error)
         raise error
 
@@ -487,7 +406,7 @@ class Store:
             for kind, (temp, _) in written.items():
                 ids[kind] = new_id("file-")
                 os.replace(temp, self.file_path(ids[kind]))
-            _fsync_dir(self.files_dir)
+            fsync_dir(self.files_dir)
             now = int(time.time())
             lifetime = batch["output_expires_after"] or self.policy.file_expiry
             with self._tx() as db:
@@ -505,7 +424,7 @@ class Store:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
             if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or (
-                    isinstance(e, sqlite3.OperationalError) and _full(e)):  # fmt: skip
+                    isinstance(e, sqlite3.OperationalError) and sqlite_full(e)):  # fmt: skip
                 raise DiskFull("the server's disk is full") from e
             raise
         return self.get_batch(batch_id)

@@ -12,8 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from openai_frontend.batch import validation
 from openai_frontend.batch.objects import batch_object, page
-from openai_frontend.errors import APIError, ErrorResponse, invalid
 from openai_frontend.dependencies import PrincipalDep
+from openai_frontend.errors import APIError, ErrorResponse, invalid
 from openai_frontend.routers.files import MAX_EXPIRY, MIN_EXPIRY, _file_row, expiry_seconds, store_of
 
 router = APIRouter()

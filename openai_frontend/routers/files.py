@@ -16,7 +16,8 @@ from pydantic import WithJsonSchema
 
 from openai_frontend.batch import validation
 from openai_frontend.batch.objects import file_object, page
-from openai_frontend.batch.store import AsyncStore, DiskFull, FileInUse, StorageError
+from openai_frontend.batch.storage import DiskFull, FileInUse, StorageError
+from openai_frontend.batch.store import AsyncStore
 from openai_frontend.dependencies import PrincipalDep
 from openai_frontend.errors import APIError, ErrorResponse, invalid
 

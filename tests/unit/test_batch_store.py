@@ -15,7 +15,9 @@ import pytest
 
 from openai_frontend.batch import validation
 from openai_frontend.batch.runner import INTERACTIVE_GRACE, BatchRunner, error_result
-from openai_frontend.batch.store import MIGRATIONS, DiskFull, FileInUse, QuotaExceeded, StoragePolicy, Store
+from openai_frontend.batch.schema import MIGRATIONS
+from openai_frontend.batch.storage import DiskFull, FileInUse, QuotaExceeded, StoragePolicy
+from openai_frontend.batch.store import Store
 from openai_frontend.errors import APIError
 from openai_frontend.settings import Settings
 
