@@ -7,7 +7,9 @@ the final flag, also on errors and cancellation.
 
 LoRA adapters: a request names one with ``lora_name`` in ``sampling_parameters``; a control request
 (``lora_control``: list, load, unload; see tensors.py) is answered on a worker thread of its own (loading reads
-files and must not hold up ``execute``) with one final response whose ``text_output`` is JSON.
+files and must not hold up ``execute``) with one final response whose ``text_output`` is JSON. The ``stats``
+control is answered at once, in ``execute``: the engine's queue, running sequences, KV-cache use, the limits
+that bound them and the requests finished so far (the frontend's protocol metrics and admission read it).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from minicpmv.engine.errors import (
     wire_message,
 )
 from minicpmv.engine.request import FINISH_CANCELLED, Delta
-from minicpmv_triton.parameters import ModelParameters
+from minicpmv_triton.parameters import ModelParameters, queue_mismatch
 from minicpmv_triton.tensors import (
     ControlRequest,
     ParsedRequest,
@@ -88,6 +90,9 @@ class TritonPythonModel:
 
         model_config = json.loads(args["model_config"])
         self.params = ModelParameters.from_model_config(model_config, args)
+        mismatch = queue_mismatch(model_config, self.params.engine.max_waiting)
+        if mismatch:
+            pb_utils.Logger.log_warn(f"{args['model_name']}: {mismatch}")
         pb_utils.Logger.log_info(f"{args['model_name']}: loading {self.params.describe()}")
         self.engine = Engine.from_pretrained(
             self.params.checkpoint_dir(),
@@ -98,6 +103,7 @@ class TritonPythonModel:
         )
         self._active: dict[str, _Active] = {}
         self._lock = threading.Lock()
+        self._finished = 0  # requests answered to the end (or failed) since start: the queue's drain rate
         self._metrics = _Metrics(args["model_name"], lora=self.engine.lora is not None)
         self._control_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="minicpmv-lora-control")
         self._stop = threading.Event()
@@ -116,6 +122,10 @@ class TritonPythonModel:
                     if tensor is not None:
                         tensors[name] = tensor.as_numpy()
                 control = parse_control(tensors)
+                if control is not None and control.action == "stats":  # cheap, and must not wait behind a load
+                    tensors = [pb_utils.Tensor(k, v) for k, v in control_tensors(self._stats()).items()]
+                    sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL)
+                    continue
                 if control is not None:
                     self._control_pool.submit(self._control, request_id, sender, control)
                     continue
@@ -165,11 +175,25 @@ class TritonPythonModel:
             tensors = [pb_utils.Tensor(k, v) for k, v in control_tensors(payload).items()]
             sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL)
 
+    def _stats(self) -> dict:
+        """The ``stats`` control's answer (read from the engine's counters; no lock on its loop)."""
+        engine, config = self.engine, self.engine.config
+        stats = engine.stats()
+        running_adapters, waiting_adapters = engine.adapters_in_use()
+        with self._lock:
+            finished = self._finished
+        return {"waiting": stats["waiting"], "running": stats["running"], "kv_usage": stats["kv_usage"],
+                "kv_blocks": stats["kv_blocks_total"], "block_size": config.block_size,
+                "max_num_seqs": config.max_num_seqs, "max_waiting": config.max_waiting, "finished": finished,
+                "max_lora": config.max_loras if engine.lora is not None else 0,
+                "running_adapters": running_adapters, "waiting_adapters": waiting_adapters}  # fmt: skip
+
     def _fail(self, request_id: str, sender, message: str, code) -> None:
         """Answer with an error; ``message`` is the coded JSON of minicpmv/engine/errors.py (the frontend maps its
         code: Triton's gRPC stream carries no status)."""
         with self._lock:
             active = self._active.pop(request_id, None)
+            self._finished += active is not None
         response = pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
         if active is not None:
             active.send(response, final=True)
@@ -192,7 +216,7 @@ class TritonPythonModel:
                 done = active.pending == 0
             if done:
                 with self._lock:
-                    self._active.pop(active.request_id, None)
+                    self._finished += self._active.pop(active.request_id, None) is not None
                 error = pb_utils.TritonError(wire_message(CANCELLED, "request cancelled"),
                                              pb_utils.TritonError.CANCELLED)  # fmt: skip
                 active.send(pb_utils.InferenceResponse(error=error), final=True)
@@ -222,7 +246,7 @@ class TritonPythonModel:
         active.send(response, final=last)
         if last:
             with self._lock:
-                self._active.pop(active.request_id, None)
+                self._finished += self._active.pop(active.request_id, None) is not None
 
     def _watch(self) -> None:
         """Cancel requests whose client went away; publish the engine gauges."""

@@ -162,3 +162,15 @@ def _resolve_device(device: str, args: dict[str, str]) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def queue_mismatch(model_config: dict, max_waiting: int) -> str | None:
+    """A warning when Triton's queue (``dynamic_batching.default_queue_policy.max_queue_size``, in the model
+    config Triton passes as JSON) is bounded below the engine's ``max_waiting``: Triton would refuse a burst that
+    the engine would queue (the requests wait in Triton's queue while ``execute`` prepares the ones before)."""
+    policy = (model_config.get("dynamic_batching") or {}).get("default_queue_policy") or {}
+    size = int(policy.get("max_queue_size") or 0)  # 0: unbounded
+    if 0 < size < max_waiting:
+        return (f"Triton's max_queue_size ({size}) is below the engine's max_waiting ({max_waiting}): bursts the "
+                f"engine would queue are refused; set max_queue_size to at least {max_waiting}")
+    return None

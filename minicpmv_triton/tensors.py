@@ -11,9 +11,10 @@ inputs  ``text_input`` (a prompt; optional when ``messages`` is given), ``image`
 outputs ``text_output``, ``finish_reason``, ``num_input_tokens``, ``num_output_tokens``, ``logprobs`` (JSON);
         ours: ``index`` (the choice, for n > 1).
 
-A **control request** carries ``lora_control`` (JSON ``{"action": "list" | "load" | "unload", "lora_name",
-"lora_path"}``) and no prompt: the model answers it with one response whose ``text_output`` is JSON
-(:func:`parse_control`, :func:`control_tensors`); nothing is generated.
+A **control request** carries ``lora_control`` (JSON ``{"action": "list" | "load" | "unload" | "stats",
+"lora_name", "lora_path"}``) and no prompt: the model answers it with one response whose ``text_output`` is JSON
+(:func:`parse_control`, :func:`control_tensors`); nothing is generated. ``stats`` answers the engine's load
+(the figures the frontend exports for gateways and uses for admission; minicpmv_triton/backend.py).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ _ALIASES = {"max_new_tokens": "max_tokens"}
 _EXTENSIONS = ("max_slice_nums",)
 LORA_NAME = "lora_name"  # vLLM's backend: the adapter, in sampling_parameters
 MAX_ADAPTER_NAME = 256
-CONTROL_ACTIONS = {"list": (), "load": ("lora_name", "lora_path"), "unload": ("lora_name",)}
+CONTROL_ACTIONS = {"list": (), "load": ("lora_name", "lora_path"), "unload": ("lora_name",), "stats": ()}
 
 
 @dataclass

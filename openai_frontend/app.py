@@ -14,7 +14,8 @@ from openai_frontend.backend import InferenceBackend
 from openai_frontend.balancer import BalancedBackend
 from openai_frontend.batch.runner import start_batches, stop_batches
 from openai_frontend.dependencies import authenticate
-from openai_frontend.metrics import Metrics
+from openai_frontend.load import LoadMonitor
+from openai_frontend.metrics import Metrics, ProtocolCollector
 from openai_frontend.models import ModelRegistry
 from openai_frontend.routers import batches, chat, files, health, lora, models, responses
 from openai_frontend.serving import ChatService
@@ -82,7 +83,11 @@ def create_app(settings: Settings | None = None,
         app.state.backend = backend
         app.state.metrics = metrics
         app.state.registry = ModelRegistry(settings, backend)
-        app.state.chat = ChatService(settings, backend, metrics)
+        # The engines' load: protocol metrics for gateways, the derived in-flight limit, Retry-After (load.py).
+        app.state.load = LoadMonitor(backend, app.state.registry.served, settings.engine_stats_interval)
+        metrics.registry.register(ProtocolCollector(app.state.load.current))
+        app.state.load.start()
+        app.state.chat = ChatService(settings, backend, metrics, app.state.load)
         app.state.http = httpx.AsyncClient(follow_redirects=False) if settings.allow_remote_images else None
         start_batches(app.state)  # the Batch API's store and runner (openai_frontend/batch/)
         logger.info("frontend ready; Triton at grpc=%s http=%s", settings.triton_grpc_url, settings.triton_http_url)
@@ -90,6 +95,7 @@ def create_app(settings: Settings | None = None,
             yield
         finally:
             await stop_batches(app.state)
+            await app.state.load.stop()
             if app.state.http is not None:
                 await app.state.http.aclose()
             await backend.close()

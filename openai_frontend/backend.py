@@ -25,6 +25,7 @@ class BackendError(Exception):
         self.message = message
         self.code = code
         self.param = param  # the request field at fault, where the backend says
+        self.retry_after: int | None = None  # QUEUE_FULL: seconds a client should wait (load.LoadMonitor)
 
 
 @dataclass
@@ -89,6 +90,42 @@ class LoRAStatus:
     runtime_loading: bool = False
 
 
+@dataclass
+class EngineStats:
+    """A model's engine load, as its server reports it (Triton: the ``stats`` control request): requests waiting
+    for admission, sequences running, the fraction of KV-cache blocks in use, the KV pool (blocks, tokens per
+    block), the limits (``max_num_seqs`` running, ``max_waiting`` queued), requests finished since the server
+    started (their rate is the queue's drain rate), and LoRA adapters (slots, those of running and waiting
+    requests). Several servers: their sum (``kv_usage`` the highest, ``block_size`` the first's)."""
+
+    waiting: int = 0
+    running: int = 0
+    kv_usage: float = 0.0
+    kv_blocks: int = 0
+    block_size: int = 0
+    max_num_seqs: int = 0
+    max_waiting: int = 0
+    finished: int = 0
+    max_lora: int = 0
+    running_adapters: list[str] = field(default_factory=list)
+    waiting_adapters: list[str] = field(default_factory=list)
+
+    @property
+    def capacity(self) -> int:
+        """Requests the engine takes before refusing: running plus queued."""
+        return self.max_num_seqs + self.max_waiting
+
+    @classmethod
+    def total(cls, parts: list[EngineStats]) -> EngineStats:
+        return cls(waiting=sum(p.waiting for p in parts), running=sum(p.running for p in parts),
+                   kv_usage=max((p.kv_usage for p in parts), default=0.0), kv_blocks=sum(p.kv_blocks for p in parts),
+                   block_size=next((p.block_size for p in parts if p.block_size), 0),
+                   max_num_seqs=sum(p.max_num_seqs for p in parts), max_waiting=sum(p.max_waiting for p in parts),
+                   finished=sum(p.finished for p in parts), max_lora=sum(p.max_lora for p in parts),
+                   running_adapters=sorted({a for p in parts for a in p.running_adapters}),
+                   waiting_adapters=sorted({a for p in parts for a in p.waiting_adapters}))  # fmt: skip
+
+
 class InferenceBackend(Protocol):
     def generate(self, model: str, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         """Chunks until every choice finished. Raises BackendError. Closing the iterator early cancels
@@ -112,6 +149,10 @@ class InferenceBackend(Protocol):
 
     async def unload_lora(self, model: str, name: str) -> None:
         """Raises BackendError (NOT_FOUND for an adapter the model does not have, INVALID while in use)."""
+        ...
+
+    async def engine_stats(self, model: str) -> EngineStats:
+        """The model's engine load now. Raises BackendError (UNAVAILABLE when the server is down)."""
         ...
 
     async def close(self) -> None: ...

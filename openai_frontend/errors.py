@@ -88,7 +88,8 @@ def context_length_message(limit: int, prompt_tokens: int, completion_tokens: in
 def from_backend(error: BackendError) -> APIError:
     status, kind = _BACKEND_STATUS[error.kind]
     code = error.code or (None if error.kind == BackendError.INVALID else error.kind)
-    return APIError(status, error.message, type=kind, param=error.param, code=code)
+    headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
+    return APIError(status, error.message, type=kind, param=error.param, code=code, headers=headers)
 
 
 def to_api_error(exc: BaseException) -> APIError:

@@ -16,7 +16,8 @@ from fastapi.responses import StreamingResponse
 
 from openai_frontend import __version__, tools
 from openai_frontend.backend import BackendError, GenerateChunk, GenerateRequest, InferenceBackend, TokenLogprob
-from openai_frontend.errors import APIError, to_api_error
+from openai_frontend.errors import RETRY_AFTER_SECONDS, APIError, to_api_error
+from openai_frontend.load import DEFAULT_LIMIT, LoadMonitor
 from openai_frontend.metrics import Metrics
 from openai_frontend.schemas import (
     ChatCompletion,
@@ -62,11 +63,22 @@ def _finish(reason: str | None) -> str | None:
 
 
 class ChatService:
-    def __init__(self, settings: Settings, backend: InferenceBackend, metrics: Metrics):
+    def __init__(self, settings: Settings, backend: InferenceBackend, metrics: Metrics,
+                 load: LoadMonitor | None = None):  # fmt: skip
         self.settings = settings
         self.backend = backend
         self.metrics = metrics
+        self.load = load
         self.in_flight = 0
+
+    def limit(self) -> int:
+        """Requests in flight before a 429: MAX_CONCURRENT_REQUESTS, or what the servers accept (0: none)."""
+        if self.settings.max_concurrent_requests is not None:
+            return self.settings.max_concurrent_requests
+        return (self.load.capacity() if self.load is not None else None) or DEFAULT_LIMIT
+
+    def retry_after(self, model: str | None) -> int:
+        return self.load.retry_after(model) if self.load is not None else RETRY_AFTER_SECONDS
 
     async def complete(self, http_request: Request, model: str, served_name: str, request: GenerateRequest,
                        include_usage: bool) -> ChatCompletion | StreamingResponse:  # fmt: skip
@@ -85,11 +97,11 @@ class ChatService:
     def _admit(self, model: str, served_name: str, request: GenerateRequest) -> _Run:
         """A run holding one of the in-flight slots, or 429. The slot is taken here, before any await: a burst
         that arrives together must not all pass the check before the first of them counts itself."""
-        limit = self.settings.max_concurrent_requests
+        limit = self.limit()
         if limit and self.in_flight >= limit:
             self.metrics.requests.labels(served_name, "429").inc()
             raise APIError(429, f"too many requests in flight (limit {limit}); retry later",
-                           code="too_many_requests")  # fmt: skip
+                           code="too_many_requests", headers={"Retry-After": str(self.retry_after(None))})
         run = _Run(self, model, served_name, request)
         run._enter()
         return run
@@ -179,6 +191,8 @@ class _Run:
         try:
             return await self._next()
         except BaseException as e:
+            if isinstance(e, BackendError) and e.kind == BackendError.QUEUE_FULL and e.retry_after is None:
+                e.retry_after = self.s.retry_after(self.model)  # every server was full: when the queue drains
             await self._close()
             self._exit(to_api_error(e).status if isinstance(e, Exception) else 499)
             raise

@@ -52,7 +52,9 @@ class Settings(BaseSettings):
 
     # Limits.
     request_timeout: float = Field(600.0, gt=0, description="seconds a request may take, to its last token")
-    max_concurrent_requests: int = Field(512, ge=0, description="requests in flight; more get 429 (0: no limit)")
+    max_concurrent_requests: int | None = Field(None, ge=0, description="requests in flight; more get 429 (0: no "
+                                                "limit; unset: what the servers accept, openai_frontend/load.py)")
+    engine_stats_interval: float = Field(0.5, gt=0, description="seconds between polls of the engines' load")
     max_body_bytes: int = Field(64 * 2**20, ge=1024)
     max_images_per_request: int = Field(16, ge=0)
     max_image_bytes: int = Field(20 * 2**20, ge=1)

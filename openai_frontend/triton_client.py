@@ -12,6 +12,7 @@ gRPC stream API."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -25,6 +26,7 @@ from tritonclient.utils import InferenceServerException
 
 from openai_frontend.backend import (
     BackendError,
+    EngineStats,
     GenerateChunk,
     GenerateRequest,
     LoRAAdapter,
@@ -37,7 +39,8 @@ logger = logging.getLogger(__name__)
 
 _HEALTH_TIMEOUT = 2.0
 # A control "list" answers at once; a load reads the adapter's files (a vision tower: hundreds of MB).
-_CONTROL_TIMEOUT = {"list": 5.0, "load": 600.0, "unload": 60.0}
+_CONTROL_TIMEOUT = {"list": 5.0, "load": 600.0, "unload": 60.0, "stats": 2.0}
+_STATS_FIELDS = tuple(f.name for f in dataclasses.fields(EngineStats))
 # Reconnect quickly once Triton is back (gRPC's default backoff grows to two minutes).
 _CHANNEL_ARGS = [
     ("grpc.max_send_message_length", 2**31 - 1),
@@ -272,6 +275,13 @@ class TritonBackend:
 
     async def unload_lora(self, model: str, name: str) -> None:
         await self._control(model, "unload", lora_name=name)
+
+    async def engine_stats(self, model: str) -> EngineStats:
+        answer = await self._control(model, "stats")
+        try:
+            return EngineStats(**{name: answer[name] for name in _STATS_FIELDS})
+        except (KeyError, TypeError) as e:
+            raise BackendError(BackendError.INTERNAL, f"{model} answered the stats with {answer!r:.200}") from e
 
     async def server_ready(self) -> bool:
         try:

@@ -182,6 +182,14 @@ class Engine:
     def adapters(self) -> list[AdapterInfo]:
         return [] if self.lora is None else [self.lora.info(name) for name in self.lora.names()]
 
+    def adapters_in_use(self) -> tuple[list[str], list[str]]:
+        """The LoRA adapters of running sequences and of waiting ones (vLLM's ``running_lora_adapters`` and
+        ``waiting_lora_adapters``), sorted; read from another thread (copies of the queues, not locked)."""
+        running = {seq.request.request.adapter for seq in list(self.scheduler.running)}
+        waiting = {state.request.adapter for state in list(self._incoming)}
+        waiting |= {seq.request.request.adapter for seq in list(self.scheduler.waiting)}
+        return sorted(a for a in running if a), sorted(a for a in waiting if a)
+
     def stats(self) -> dict[str, float]:
         """Counters and gauges for metrics: running and waiting sequences, KV blocks, prefix-cache tokens looked
         up and found, preemptions, steps, generated tokens (read from another thread while the loop runs)."""

@@ -144,6 +144,11 @@ class Call:
         return next((m["status"] for m in self.messages if m["type"] == "http.response.start"), None)
 
     @property
+    def headers(self) -> dict[str, str]:
+        start = next((m for m in self.messages if m["type"] == "http.response.start"), {"headers": []})
+        return {k.decode().lower(): v.decode() for k, v in start["headers"]}
+
+    @property
     def body(self) -> bytes:
         return b"".join(m.get("body", b"") for m in self.messages if m["type"] == "http.response.body")
 

@@ -67,7 +67,7 @@ def test_control_requests_are_parsed(payload, expected):
 @pytest.mark.parametrize(("payload", "error"), [
     ("{not json", "lora_control is not valid JSON"),
     ("[1]", "lora_control must be a JSON object"),
-    ({"action": "merge"}, "action must be one of list, load, unload, got 'merge'"),
+    ({"action": "merge"}, "action must be one of list, load, unload, stats, got 'merge'"),
     ({}, "action must be one of"),
     ({"action": "load", "lora_name": "a"}, "lora_path must be a non-empty string"),
     ({"action": "load", "lora_name": "", "lora_path": "p"}, "lora_name must be a non-empty string"),

@@ -15,6 +15,7 @@ import pytest
 
 import minicpmv_triton
 from minicpmv.engine.request import Delta
+from minicpmv_triton.parameters import queue_mismatch
 from minicpmv_triton.tensors import parse_request, response_tensors
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -103,6 +104,12 @@ def test_python_backend_decoupled_with_a_bounded_queue(model_dir, config_file):
     (batching,) = re.findall(r"^dynamic_batching\s*\{(.*?)^\}", text, flags=re.MULTILINE | re.DOTALL)
     (queue_size,) = re.findall(r"default_queue_policy\s*\{[^}]*max_queue_size:\s*(\d+)", batching)
     assert int(queue_size) > 0  # 0 would be Triton's unbounded queue
+    # Not below the engine's queue: Triton must not refuse a burst that the engine would queue (issue 27).
+    (max_waiting,) = re.findall(r'key: "max_waiting" value: \{ string_value: "(\d+)" \}', text)
+    assert int(queue_size) >= int(max_waiting)
+    model_config = {"dynamic_batching": {"default_queue_policy": {"max_queue_size": queue_size}}}
+    assert queue_mismatch(model_config, int(max_waiting)) is None
+    assert "below the engine's max_waiting" in queue_mismatch(model_config, int(queue_size) + 1)
     # response_tensors includes the batch dimension, which exists only with max_batch_size > 0.
     assert int(top_level(text, "max_batch_size")) >= 1
 
