@@ -19,6 +19,7 @@ import contextlib
 import errno
 import fcntl
 import functools
+import itertools
 import json
 import os
 import secrets
@@ -318,15 +319,21 @@ class Store:
 
     # ------------------------------------------------------------ lines
     def pending_lines(self, limit: int) -> list[PendingLine]:
-        """Lines to run next, oldest batch first, of batches in progress, within their window and not stopped."""
+        """Lines to run next, of batches in progress, within their window and not stopped: the tenants in turn
+        (the one with the oldest batch first), each tenant's oldest batch first, so that one tenant's long batch
+        does not hold up everyone else's."""
+        now = int(time.time())
+        live = "b.status = 'in_progress' AND b.errors IS NULL AND COALESCE(b.expires_at > ?, 1)"
         with self._lock:
-            rows = self._db.execute(
+            tenants = [row[0] for row in self._db.execute(
+                f"SELECT b.tenant FROM batches b WHERE {live} GROUP BY b.tenant ORDER BY MIN(b.rowid)", (now,))]
+            queues = [self._db.execute(
                 "SELECT l.batch_id, l.line, l.custom_id, l.offset, l.length, l.attempts, b.input_file_id, b.endpoint "
-                "FROM batches b JOIN batch_lines l ON l.batch_id = b.id "
-                "WHERE b.status = 'in_progress' AND b.errors IS NULL AND l.state = 'pending' "
-                "AND COALESCE(b.expires_at > ?, 1) ORDER BY b.rowid, l.line LIMIT ?",
-                (int(time.time()), limit)).fetchall()  # fmt: skip
-        return [PendingLine(*row) for row in rows]
+                f"FROM batches b JOIN batch_lines l ON l.batch_id = b.id WHERE {live} AND b.tenant = ? "
+                "AND l.state = 'pending' ORDER BY b.rowid, l.line LIMIT ?", (now, tenant, limit)).fetchall()
+                for tenant in tenants]  # fmt: skip
+        turns = (row for turn in itertools.zip_longest(*queues) for row in turn if row is not None)
+        return [PendingLine(*row) for row in itertools.islice(turns, limit)]
 
     def pending_count(self, batch_id: str) -> int:
         with self._lock:

@@ -341,3 +341,17 @@ def test_a_start_beside_a_running_frontend_leaves_its_uploads_alone(tmp_path):
     running.close()
     Store(tmp_path).close()  # alone: cleans up
     assert not temp.exists()
+
+
+def test_tenants_take_turns_at_the_runner(tmp_path):
+    store = Store(tmp_path)
+    batches = {}
+    for tenant, n in (("big", 6), ("small", 2), ("big", 2)):  # the big tenant's long batch came first
+        temp = write(store.temp_path(), [request_line(f"{tenant}{len(batches)}-{i}") for i in range(n)])
+        row = store.add_file(temp, "in.jsonl", "batch", temp.stat().st_size, tenant=tenant)
+        scan = validation.scan(store.file_path(row["id"]), 100)
+        batch = store.create_batch(row["id"], "/v1/chat/completions", "24h", None, scan, 3600, tenant, tenant)
+        store.set_status(batch["id"], "in_progress", only_from=("validating",))
+        batches[batch["id"]] = tenant
+    order = [p.custom_id for p in store.pending_lines(6)]
+    assert order == ["big0-0", "small1-0", "big0-1", "small1-1", "big0-2", "big0-3"]
