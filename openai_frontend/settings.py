@@ -105,6 +105,8 @@ class Settings(BaseSettings):
     batch_max_file_bytes: int = Field(50 * 2**20, ge=1, description="largest upload (also capped by MAX_BODY_BYTES)")
     batch_max_lines: int = Field(50_000, ge=1, description="requests per batch file")
     batch_max_open_batches: int = Field(16, ge=1, description="batches not yet finished")
+    batch_max_open_batches_per_tenant: int = Field(0, ge=0, description="one tenant's unfinished batches (0: only "
+                                                   "the total)")  # fmt: skip
     # Storage: stored bytes are the files' (input and output) and the results of unfinished batches. An upload
     # past a budget is refused before it is written (429 storage_quota_exceeded); a batch whose results reach it
     # ends "failed", its results so far kept. Retention: a file expires EXPIRY seconds after its creation unless

@@ -244,9 +244,12 @@ class Store:
         return True
 
     # ------------------------------------------------------------ batches
-    def open_batches(self) -> int:
+    def open_batches(self, tenant: str | None = None) -> int:
+        """Unfinished batches: every tenant's, or one tenant's."""
+        where, args = _scope(tenant)
         with self._lock:
-            return int(self._db.execute(f"SELECT COUNT(*) FROM batches WHERE status IN {OPEN_SQL}").fetchone()[0])
+            return int(self._db.execute(f"SELECT COUNT(*) FROM batches WHERE status IN {OPEN_SQL} AND {where}",
+                                        args).fetchone()[0])  # fmt: skip
 
     def create_batch(self, input_file_id: str, endpoint: str, completion_window: str, metadata: dict | None,
                      scan: Scan, window_seconds: int, tenant: str = DEFAULT_TENANT, scope: str | None = None,

@@ -60,6 +60,10 @@ async def create_batch(body: BatchCreate, request: Request, principal: Principal
     if scan.url != body.endpoint:
         raise invalid(f"the file's requests go to {scan.url!r}, but the batch's endpoint is {body.endpoint!r}"[:300],
                       "endpoint", code="endpoint_mismatch")  # fmt: skip
+    per_tenant = settings.batch_max_open_batches_per_tenant
+    if per_tenant and await store.open_batches(principal.tenant) >= per_tenant:
+        raise invalid(f"you have {per_tenant} batches open (the server's limit per tenant); wait for one to finish "
+                      "or cancel one", code="too_many_open_batches")  # fmt: skip
     if await store.open_batches() >= settings.batch_max_open_batches:
         raise invalid(f"{settings.batch_max_open_batches} batches are already open (the server's limit); wait for "
                       "one to finish or cancel one", code="too_many_open_batches")  # fmt: skip

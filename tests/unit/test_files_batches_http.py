@@ -91,3 +91,23 @@ def test_a_full_disk_during_an_upload_is_a_507_and_leaves_nothing(client, monkey
     monkeypatch.undo()
     assert client.post("/v1/files", files={"file": ("a.jsonl", json.dumps(line).encode())},
                        data={"purpose": "batch"}).status_code == 200  # fmt: skip
+
+
+def test_a_tenant_past_its_open_batches_is_refused_and_another_is_not(tmp_path):
+    app = create_app(Settings(batch_data_dir=str(tmp_path), api_keys=["ka:team-a", "kb:team-b"],
+                              batch_max_open_batches_per_tenant=1), backend_factory=lambda s: FakeBackend())
+    line = json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {}}).encode()
+    with TestClient(app) as client:
+        def create(key: str):
+            auth = {"Authorization": f"Bearer {key}"}
+            file_id = client.post("/v1/files", files={"file": ("a.jsonl", line)}, data={"purpose": "batch"},
+                                  headers=auth).json()["id"]  # fmt: skip
+            return client.post("/v1/batches", json={"input_file_id": file_id, "endpoint": "/v1/chat/completions",
+                                                    "completion_window": "24h"}, headers=auth)  # fmt: skip
+
+        app.state.batch_runner._task.cancel()  # the batches stay open: nothing runs them here
+        assert create("ka").status_code == 200
+        refused = create("ka")
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "too_many_open_batches"
+        assert "per tenant" in refused.json()["error"]["message"]
+        assert create("kb").status_code == 200
