@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, FastAPI
 
 from openai_frontend import __version__, errors, web
 from openai_frontend.backend import InferenceBackend
-from openai_frontend.balancer import BalancedBackend
+from openai_frontend.balancer import REASONS, balanced
 from openai_frontend.batch.runner import start_batches, stop_batches
 from openai_frontend.dependencies import authenticate
 from openai_frontend.load import LoadMonitor
@@ -28,11 +28,10 @@ logger = logging.getLogger(__name__)
 def _triton(settings: Settings) -> InferenceBackend:
     from openai_frontend.triton_client import TritonBackend  # the only tritonclient user
 
-    endpoints = settings.triton_endpoints()
-    if len(endpoints) == 1:
-        return TritonBackend(*endpoints[0])
-    backends = {grpc: TritonBackend(grpc, http) for grpc, http in endpoints}
-    return BalancedBackend(backends, probe_interval=settings.triton_probe_interval)
+    # One server at an IP address: TritonBackend itself; several, or DNS names: BalancedBackend (balancer.py).
+    return balanced(settings.triton_endpoints(), TritonBackend, probe_interval=settings.triton_probe_interval,
+                    discovery_interval=settings.triton_discovery_interval, affinity=settings.balancer_affinity,
+                    load_factor=settings.balancer_load_factor)  # fmt: skip
 
 
 class BodyLimit:
@@ -79,6 +78,10 @@ def create_app(settings: Settings | None = None,
     async def lifespan(app: FastAPI):
         backend = backend_factory(settings)  # inside the event loop: gRPC and aiohttp bind to it
         metrics = Metrics()
+        if hasattr(backend, "on_choice"):  # several Triton servers or DNS names (balancer.py)
+            for reason in REASONS:
+                metrics.balancer_choices.labels(reason=reason)
+            backend.on_choice = lambda reason: metrics.balancer_choices.labels(reason=reason).inc()
         app.state.settings = settings
         app.state.backend = backend
         app.state.metrics = metrics

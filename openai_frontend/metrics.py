@@ -45,6 +45,9 @@ class Metrics:
                                            registry=r)  # fmt: skip
         self.batches = Counter("minicpmv_frontend_batches", "Batches finished, by final status", ["status"],
                                registry=r)  # fmt: skip
+        # Several Triton servers (balancer.py): why each request went where it went.
+        self.balancer_choices = Counter("minicpmv_frontend_balancer_choices", "Triton servers chosen by the balancer, "
+                                        "by reason", ["reason"], registry=r)  # fmt: skip
         self.batch_files_expired = Counter("minicpmv_frontend_batch_files_expired", "Files deleted by the expiry "
                                            "sweeper", registry=r)  # fmt: skip
         self.batch_storage_bytes = Gauge("minicpmv_frontend_batch_storage_bytes", "Bytes counted against the batch "

@@ -36,6 +36,13 @@ class Settings(BaseSettings):
     triton_grpc_url: str = "127.0.0.1:8001"
     triton_http_url: str = "127.0.0.1:8000"
     triton_probe_interval: float = Field(2.0, gt=0, description="seconds between probes of a Triton that is down")
+    # An endpoint whose host is a DNS name (e.g. a headless Service) stands for every address it resolves to,
+    # looked up again every triton_discovery_interval seconds (0: once at start). Affinity: requests with the same
+    # document (first image and the prompt up to it) go to the same server, within a load bound (balancer.py).
+    triton_discovery_interval: float = Field(10.0, ge=0, description="seconds between DNS lookups of Triton names")
+    balancer_affinity: bool = True
+    balancer_load_factor: float = Field(1.25, ge=1.0, description="a server takes a keyed request only below this "
+                                        "times the mean requests in flight per server (bounded loads)")
     # Served models (Triton names). Empty: every model Triton reports READY.
     models: CommaList = Field(default_factory=list)
 
