@@ -132,3 +132,44 @@ def test_a_full_queue_at_the_server_says_when_to_come_back(monkeypatch):
 
     call = run_with_app(make_app(backend, engine_stats_interval=0.05), scenario)
     assert call.status == 429 and call.headers["retry-after"] == "7"
+
+
+class BoundedServer(StatsBackend):
+    """A server whose engine takes ``room`` requests (held until released) and refuses the rest: queue full."""
+
+    def __init__(self, room: int):
+        super().__init__({MODEL: stats(max_num_seqs=room, max_waiting=0, waiting=room, finished=0)}, chunks=CHUNKS,
+                         hold_at=0)  # fmt: skip
+        self.room = room
+
+    async def generate(self, model, request):
+        if self.waiting >= self.room:
+            raise BackendError(BackendError.QUEUE_FULL, "the model's queue is full")
+        async for chunk in super().generate(model, request):
+            yield chunk
+
+
+def test_a_burst_past_one_servers_queue_spills_to_the_other_and_a_429_comes_only_when_both_are_full():
+    from openai_frontend.balancer import BalancedBackend
+
+    servers = {"a:8001": BoundedServer(1), "b:8001": BoundedServer(5)}  # least loaded alone would split 3 and 3
+    backend = BalancedBackend(servers, affinity=False)
+
+    async def scenario(app):
+        await until(lambda: app.state.load.capacity() == 6, "the first poll")  # both servers' limits, summed
+        for server in servers.values():
+            server.release = asyncio.Event()
+        calls = [Call(app, "/v1/chat/completions", BODY) for _ in range(7)]
+        tasks = [asyncio.create_task(c.run()) for c in calls[:6]]
+        await until(lambda: sum(s.waiting for s in servers.values()) == 6, "six requests admitted")
+        assert [s.waiting for s in servers.values()] == [1, 5]  # a's refusals went to b, unseen by the clients
+        app.state.chat.settings.max_concurrent_requests = 0  # past the frontend's own limit: the servers refuse
+        await calls[6].run()
+        for server in servers.values():
+            server.release.set()
+        await asyncio.gather(*tasks)
+        return calls
+
+    calls = run_with_app(make_app(backend, engine_stats_interval=0.05), scenario)
+    assert [c.status for c in calls[:6]] == [200] * 6
+    assert calls[6].status == 429 and calls[6].headers["retry-after"].isdigit()
