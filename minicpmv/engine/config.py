@@ -78,6 +78,10 @@ class EngineConfig:
     on the LLM layers ``lora_target_modules`` names ("attention": q/k/v/o, the official recipe's; "all": + the
     MLP; or a comma list); ``lora_dir``: the directory adapters may be loaded from at runtime (unset: no
     runtime loading).
+    ``int4_kernel``: what computes the 4-bit (NF4) linears of an int4 model's LLM (nf4_linear.py): "auto" (on CUDA
+    the fused Triton NF4 kernel, kernels/nf4.py, if it passes a start-up self-test on one of the model's layers,
+    else bitsandbytes with a warning; bitsandbytes on the CPU), "triton" (the kernel; on the CPU through Triton's
+    interpreter, for tests) or "bitsandbytes". The vision tower's 4-bit linears always stay with bitsandbytes.
     """
 
     max_num_seqs: int = 16
@@ -105,6 +109,7 @@ class EngineConfig:
     max_lora_rank: int = 64
     lora_target_modules: str = "attention"
     lora_dir: str | None = None
+    int4_kernel: str = "auto"
 
     @property
     def lora_enabled(self) -> bool:
@@ -121,6 +126,9 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be >= 1 (or unset)")
         if self.max_loras < 1 or not 1 <= self.max_lora_rank <= 512:
             raise ValueError("EngineConfig.max_loras must be >= 1 and max_lora_rank in 1..512")
+        if self.int4_kernel not in ("auto", "triton", "bitsandbytes"):
+            raise ValueError(f"EngineConfig.int4_kernel must be 'auto', 'triton' or 'bitsandbytes', got "
+                             f"{self.int4_kernel!r}")  # fmt: skip
         if self.kv_cache_dtype not in ("auto", "fp8"):
             raise ValueError(f"EngineConfig.kv_cache_dtype must be 'auto' or 'fp8', got {self.kv_cache_dtype!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

@@ -78,6 +78,7 @@ class Engine:
                                   max_num_seqs=cfg.max_num_seqs,
                                   cuda_graph_max_len=min(cfg.cuda_graph_max_len, self.max_model_len),
                                   max_model_len=self.max_model_len, kv_cache_dtype=cfg.kv_cache_dtype,
+                                  int4_kernel=cfg.int4_kernel,
                                   lora=(cfg.max_loras, cfg.max_lora_rank, parse_targets(cfg.lora_target_modules))
                                   if cfg.lora_enabled else None)  # fmt: skip
         self.block_manager = BlockManager(self.runner.pool.num_blocks, cfg.block_size, cfg.enable_prefix_caching)

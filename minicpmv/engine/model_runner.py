@@ -24,6 +24,7 @@ from minicpmv.engine.attention import AttentionMetadata, select_backend
 from minicpmv.engine.cuda_graphs import DecodeGraphs, StaticDecodeAttention, StaticPagedMetadata
 from minicpmv.engine.kv_pool import KVPool, PoolShape, fp8_kv_dtype, pool_bytes
 from minicpmv.engine.lora import LoRAStacks, LoRAStep
+from minicpmv.engine.nf4_linear import select_int4_kernel
 from minicpmv.engine.request import Sequence
 from minicpmv.engine.staging import device_scope
 from minicpmv.modeling.minicpmv import MiniCPMV
@@ -53,7 +54,8 @@ class ModelRunner:
                  attention_backend: str = "auto", cuda_graphs: bool = True, max_num_seqs: int = 16,
                  cuda_graph_max_len: int = 8192, max_model_len: int | None = None,
                  static_decode: bool | None = None, kv_cache_dtype: str = "auto",
-                 lora: tuple[int, int, tuple[str, ...]] | None = None, lora_kernel: bool | None = None):  # fmt: skip
+                 lora: tuple[int, int, tuple[str, ...]] | None = None, lora_kernel: bool | None = None,
+                 int4_kernel: str = "auto"):  # fmt: skip
         """``cuda_graphs``: replay pure decode steps as CUDA graphs (cuda_graphs.py; CUDA only) for batches up to
         ``max_num_seqs`` and contexts up to ``max_model_len`` with the paged kernel (one graph per batch size),
         else up to ``cuda_graph_max_len`` (gathered keys, a graph per context bucket). ``static_decode`` runs
@@ -62,7 +64,9 @@ class ModelRunner:
         "fp8": an e4m3 pool, read by the paged kernel only (the backend must be it). ``lora``: (slots, rank,
         target modules) of the LoRA stacks (engine/lora.py), allocated before the pool; None: no LoRA.
         ``lora_kernel``: the Triton LoRA kernels (default: on CUDA if they pass their self-test; True on the CPU
-        runs them under Triton's interpreter, for tests)."""
+        runs them under Triton's interpreter, for tests). ``int4_kernel``: what computes the LLM's 4-bit linears
+        (nf4_linear.py: "auto", "triton", "bitsandbytes"), set before anything is captured; ``int4_selection``
+        says what was chosen."""
         with device_scope(model.device):  # the pool, the backend's self-test and timing, the capture
             self.model = model
             cfg = model.config
@@ -72,6 +76,7 @@ class ModelRunner:
             self.head_dim = cfg.head_dim
             self.device = model.device
             self.dtype = model.dtype
+            self.int4_selection = select_int4_kernel(model, int4_kernel, self.device, self.dtype)
             exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim
             self.inv_freq = (1.0 / (cfg.rope_theta**exponent)).to(self.device)
             self.lora = LoRAStacks(model, *lora, self.device, self.dtype, kernel=lora_kernel) if lora else None
