@@ -231,7 +231,10 @@ def stage_full(rec: Recorder, args: argparse.Namespace, nf4: bool) -> None:
             _kernel_vs_gather(rec, engine, args, bandwidth)
             speed.reset_peak_memory(device)
         else:
-            peak = 0
+            rec["int4_selection"] = engine.runner.int4_selection
+            peak = speed.peak_memory_bytes(device)
+            _int4_kernel_vs_bitsandbytes(rec, engine, args, bandwidth)
+            speed.reset_peak_memory(device)
         if device.type == "cuda":  # host waits per step, with the graphs and eagerly (the sampler's: 1 per step)
             rec.step("host_syncs_graphs", lambda: speed.count_host_syncs(engine))
             engine.runner.decode_graphs = None
@@ -322,6 +325,41 @@ def _kernel_vs_gather(rec: Recorder, engine, args: argparse.Namespace, bandwidth
                                   "kernel_over_gather": round(ours["decode_tok_s"] / theirs["decode_tok_s"],
                                                               2)}  # fmt: skip
     rec["decode_kernel_vs_gather"] = table
+
+
+def _int4_kernel_vs_bitsandbytes(rec: Recorder, engine, args: argparse.Namespace, bandwidth: float | None) -> None:
+    """Issue 28: the int4 engine's decode with the other of the two NF4 paths (the engine serves on what
+    ``int4_kernel`` "auto" chose: the fused Triton kernel when it passed its self-test), on the same engine with
+    graphs captured anew (speed.int4_path), then both side by side. bf16's figures are the full_bf16 stage's."""
+    from minicpmv.devtools import speed
+
+    if engine.runner.device.type != "cuda":  # bitsandbytes repacks a weight for its CPU kernel at its first
+        # forward (AVX512-BF16 CPUs), after which no other kernel can read it: one path per CPU engine
+        rec["int4_triton_path"] = "skipped: measured on a GPU only (bitsandbytes' CPU kernel repacks the weights)"
+        return
+    chosen = str(engine.runner.int4_selection)
+    other = "bitsandbytes" if chosen.startswith("triton") else "triton"
+    with contextlib.ExitStack() as stack:
+        entered = rec.step(f"int4_{other}_path", lambda: stack.enter_context(speed.int4_path(engine, other)))
+        if entered is None:
+            return
+        for level in args.concurrency:
+            rec.step(f"decode_c{level}_{other}", lambda level=level: speed.measure_decode(
+                engine, level, args.output_tokens, bandwidth))  # fmt: skip
+    results = rec.data["results"]
+    served = "triton" if other == "bitsandbytes" else "bitsandbytes"
+    table = {}
+    for level in args.concurrency:
+        ours, theirs = results.get(f"decode_c{level}") or {}, results.get(f"decode_c{level}_{other}") or {}
+        if ours.get("decode_tok_s") and theirs.get("decode_tok_s"):
+            kernel, bnb = (ours, theirs) if served == "triton" else (theirs, ours)
+            table[f"c{level}"] = {"kernel_tok_s": kernel["decode_tok_s"],
+                                  "kernel_percent_of_bound": kernel.get("percent_of_bound"),
+                                  "bitsandbytes_tok_s": bnb["decode_tok_s"],
+                                  "bitsandbytes_percent_of_bound": bnb.get("percent_of_bound"),
+                                  "kernel_over_bitsandbytes": round(kernel["decode_tok_s"] / bnb["decode_tok_s"],
+                                                                    2)}  # fmt: skip
+    rec["decode_int4_kernel_vs_bitsandbytes"] = table
 
 
 def stage_checkpoints(rec: Recorder, args: argparse.Namespace) -> None:

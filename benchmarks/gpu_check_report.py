@@ -55,6 +55,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
                 shown = {k: v for k, v in results[key].items() if k not in ("traceback",)}
                 lines.append(f"\n{key}: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
         lines += _kernel_vs_gather(results)
+        lines += _int4_kernel_vs_bitsandbytes(results)
         rows = [(k, v) for k, v in results.items()
                 if k.startswith("decode_c") and isinstance(v, dict) and v.get("passed")]  # fmt: skip
         if rows:
@@ -79,6 +80,24 @@ def render_markdown(summary: dict[str, Any]) -> str:
         lines += ["", "## triton", ""] + [f"- {k}: {json.dumps(v, default=str)[:300]}" for k, v in triton.items()
                                            if k != "triton_log_tail"]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def _int4_kernel_vs_bitsandbytes(results: dict[str, Any]) -> list[str]:
+    """Lines on the fused NF4 kernel against bitsandbytes' int4 path (full_nf4), per level (issue 28); bf16's
+    figures are full_bf16's decode table."""
+    table = results.get("decode_int4_kernel_vs_bitsandbytes")
+    if not isinstance(table, dict) or not table:
+        return []
+    lines = ["", f"int4: the NF4 kernel vs bitsandbytes, decode output tok/s (served on: "
+             f"{results.get('int4_selection')}):", "",
+             "| concurrent | kernel tok/s | kernel % of bound | bitsandbytes tok/s | bitsandbytes % of bound | "
+             "kernel / bitsandbytes |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for level, r in table.items():
+        lines.append(f"| {level.removeprefix('c')} | {_fmt(r.get('kernel_tok_s'))} | "
+                     f"{_fmt(r.get('kernel_percent_of_bound'))} | {_fmt(r.get('bitsandbytes_tok_s'))} | "
+                     f"{_fmt(r.get('bitsandbytes_percent_of_bound'))} | "
+                     f"{_fmt(r.get('kernel_over_bitsandbytes'))} |")  # fmt: skip
+    return lines
 
 
 def _kernel_vs_gather(results: dict[str, Any]) -> list[str]:

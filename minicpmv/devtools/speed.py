@@ -362,6 +362,45 @@ def gather_path(engine, max_context: int = GATHER_GRAPH_MAX_CONTEXT, backend: An
             torch.cuda.empty_cache()
 
 
+@contextlib.contextmanager
+def int4_path(engine, mode: str, capture: bool | None = None, idle_timeout: float = 10.0) -> Iterator[dict[str, Any]]:
+    """The int4 engine's LLM linears on ``mode`` ("bitsandbytes" or "triton", nf4_linear.py) for the block, so
+    both are measured on one engine: the switch, and, where the engine has decode graphs, graphs captured anew
+    with it (the kernel's own graphs replay what they captured). Yields the selection and the graphs' figures. On
+    exit, by an exception too, the engine's own choice and graphs are back. The engine must be idle on entry."""
+    from minicpmv.engine.nf4_linear import llm_linear4bit, select_int4_kernel
+
+    runner = engine.runner
+    _wait_idle(engine, idle_timeout)
+    # The engine's own forwards, put back as they are: its graphs captured their tensors (the kernel's biases).
+    layers = llm_linear4bit(runner.model)
+    own = [(module, module.__dict__.get("forward")) for _, module in layers]
+    saved = runner.decode_graphs
+    graphs = None
+    try:
+        selection = select_int4_kernel(runner.model, mode, runner.device, runner.dtype)
+        if saved is not None:
+            from minicpmv.engine.cuda_graphs import DecodeGraphs
+
+            capture = runner.device.type == "cuda" if capture is None else capture
+            graphs = DecodeGraphs(runner._forward_static, block_size=runner.pool.block_size,
+                                  scratch_block=runner.pool.scratch_block, max_num_seqs=saved.batch_sizes[-1],
+                                  max_context=saved.max_context, device=runner.device, capture=capture,
+                                  paged=saved.paged)  # fmt: skip
+            runner.decode_graphs = graphs
+        yield {"int4_selection": selection, "cuda_graphs": None if graphs is None else graph_figures(graphs)}
+    finally:
+        runner.decode_graphs = saved
+        for module, forward in own:
+            if forward is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = forward
+        del graphs
+        if runner.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def attention_step(kernel, gather, device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int],
                    bandwidth: float | None = None, num_seqs: int = 64, context: int = 2048,
                    repeats: int = 20) -> dict[str, Any]:  # fmt: skip

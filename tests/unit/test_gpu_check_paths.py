@@ -175,3 +175,42 @@ def test_the_report_shows_the_comparison_the_step_and_both_graphs():
     assert "gather graphs: 36 captured in 9.5 s, pool 700.0 MiB, contexts [256, 512, 1024, 2048]" in text
     assert "| 1 | greedy | gather | yes | 200.0 |" in text and "targets: c1_percent_of_bound 65.0" in text
     json.dumps(summary)  # the figures are plain JSON
+
+
+# ---------------------------------------------------------------- issue 28: the int4 paths side by side
+
+
+def test_int4_path_switches_the_linears_with_their_own_graphs_and_puts_the_engines_back(tiny_int4):
+    """On the CPU both sides are the kernel (bitsandbytes' CPU forward repacks the weights for good, so the GPU check
+    compares the two paths on a GPU only); what is checked is the swap: new forwards and decode graphs inside, the
+    engine's own objects (whose tensors its graphs captured) back after, the same greedy ids throughout."""
+    from minicpmv.engine.nf4_linear import NF4Forward, llm_linear4bit
+
+    config = EngineConfig(max_num_seqs=2, max_num_batched_tokens=64, num_kv_blocks=16, int4_kernel="triton",
+                          attention_backend="reference")  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine_module, "ModelRunner", functools.partial(ModelRunner, static_decode=True))
+        engine = Engine.from_pretrained(tiny_int4, dtype="float32", config=config)
+    try:
+        own = {name: m.__dict__["forward"] for name, m in llm_linear4bit(engine.model)}
+        graphs = engine.runner.decode_graphs
+        before = _greedy(engine, tokens=3)
+        with speed.int4_path(engine, "triton") as info:
+            assert info["int4_selection"].startswith("triton NF4 kernel") and info["cuda_graphs"] is not None
+            inside = {name: m.__dict__["forward"] for name, m in llm_linear4bit(engine.model)}
+            assert all(isinstance(f, NF4Forward) and f is not own[n] for n, f in inside.items())
+            assert engine.runner.decode_graphs is not graphs
+            assert _greedy(engine, tokens=3) == before
+        assert {name: m.__dict__["forward"] for name, m in llm_linear4bit(engine.model)} == own
+        assert engine.runner.decode_graphs is graphs and _greedy(engine, tokens=3) == before
+    finally:
+        engine.shutdown()
+
+
+def test_the_report_shows_the_int4_comparison():
+    report = _script("gpu_check_report")
+    lines = report._int4_kernel_vs_bitsandbytes({"int4_selection": "triton NF4 kernel", "decode_int4_kernel_vs_bitsandbytes": {
+        "c64": {"kernel_tok_s": 3000.0, "kernel_percent_of_bound": 40.0, "bitsandbytes_tok_s": 1500.0,
+                "bitsandbytes_percent_of_bound": 20.0, "kernel_over_bitsandbytes": 2.0}}})  # fmt: skip
+    assert "| 64 | 3000.0 | 40.0 | 1500.0 | 20.0 | 2.0 |" in lines and "(served on: triton NF4 kernel)" in lines[1]
+    assert report._int4_kernel_vs_bitsandbytes({}) == []
