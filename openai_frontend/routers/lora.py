@@ -3,21 +3,30 @@ them (``ENABLE_LORA_RUNTIME_UPDATES``; otherwise they answer 404 as routes that 
 
 A load goes to every served model whose Triton engine loads adapters at runtime (its ``lora_dir`` is set), or to
 the one ``model`` names; the path check (under the adapter directory) and the adapter's check are the engine's,
-and its refusal comes back as a 400 with its message. With several Triton servers the balancer loads on each."""
+and its refusal comes back as a 400 with its message. With several Triton servers the balancer loads on each.
+Adapters are the whole server's: where admin keys are configured (``ADMIN_API_KEYS``), only they load and unload
+(403 for the other keys), so that one tenant cannot take away the adapter another uses."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from openai_frontend.backend import BackendError
-from openai_frontend.dependencies import RegistryDep
+from openai_frontend.dependencies import PrincipalDep, RegistryDep, SettingsDep
 from openai_frontend.errors import APIError, ErrorResponse, invalid
 
-router = APIRouter()
-_ERRORS = {400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
-           503: {"model": ErrorResponse}}  # fmt: skip
+
+async def _require_admin(principal: PrincipalDep, settings: SettingsDep) -> None:
+    if settings.admin_api_keys and not principal.admin:
+        raise APIError(403, "only admin keys load and unload LoRA adapters on this server", type="permission_error",
+                       code="admin_key_required")  # fmt: skip
+
+
+router = APIRouter(dependencies=[Depends(_require_admin)])
+_ERRORS = {400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 403: {"model": ErrorResponse},
+           404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}  # fmt: skip
 
 
 class LoadLoRAAdapterRequest(BaseModel):

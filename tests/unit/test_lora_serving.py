@@ -314,6 +314,19 @@ def test_the_runtime_routes_are_absent_unless_enabled():
         assert client.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "x"}).status_code == 401
 
 
+def test_with_admin_keys_only_they_load_and_unload_adapters():
+    with app_client(LoRABackend(), enable_lora_runtime_updates=True, api_keys="tenant-key:team-a",
+                    admin_api_keys="root-key") as client:  # fmt: skip
+        load = {"lora_name": "receipts", "lora_path": "receipts"}
+        tenant, root = ({"Authorization": f"Bearer {k}"} for k in ("tenant-key", "root-key"))
+        refused = client.post("/v1/load_lora_adapter", json=load, headers=tenant)
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "admin_key_required"
+        assert client.post("/v1/unload_lora_adapter", json={"lora_name": "invoices"}, headers=tenant).status_code \
+            == 403  # fmt: skip
+        assert client.post("/v1/load_lora_adapter", json=load, headers=root).status_code == 200
+        assert client.post("/v1/unload_lora_adapter", json={"lora_name": "receipts"}, headers=root).status_code == 200
+
+
 def test_runtime_load_and_unload_through_the_routes():
     backend = LoRABackend()
     load = {"lora_name": "receipts", "lora_path": "receipts"}
