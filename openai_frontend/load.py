@@ -91,9 +91,9 @@ class LoadMonitor:
 
     def retry_after(self, model: str | None = None) -> int:
         """Seconds until the queue ahead has drained at the recent rate: of ``model``, or of every model."""
-        stats = [self.stats[model]] if model in self.stats else list(self.stats.values())
-        rates = [self._rates[m] for m in ([model] if model in self.stats else self.stats) if m in self._rates]
-        waiting, rate = sum(s.waiting for s in stats), sum(rates)
+        models = [model] if model in self.stats else list(self.stats)
+        rates = [self._rates[m] for m in models if m in self._rates]
+        waiting, rate = sum(self.stats[m].waiting for m in models), sum(rates)
         low, high = RETRY_AFTER_BOUNDS
         if rate <= 0:
             return high if waiting and rates else low  # nothing finishing: long; nothing known: soon

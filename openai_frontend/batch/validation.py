@@ -32,6 +32,12 @@ _FILE_ID = re.compile(r"file-[0-9a-f]{24}")
 _BATCH_ID = re.compile(r"batch_[0-9a-f]{24}")
 
 
+def file_not_found(file_id: str, param: str = "file_id") -> APIError:
+    """The one answer for a file that is not there for this caller: unknown, deleted, expired or another tenant's
+    (the same body for all, so that it says nothing of other tenants' files)."""
+    return APIError(404, f"no such file: {file_id}", param=param, code="file_not_found")
+
+
 def check_file_id(value: str, param: str = "file_id") -> str:
     """Ids become disk paths: only our own exact shape is accepted (no traversal, no odd characters)."""
     if not isinstance(value, str) or not _FILE_ID.fullmatch(value):

@@ -71,7 +71,7 @@ async def create_batch(body: BatchCreate, request: Request, principal: Principal
                                      WINDOWS[body.completion_window], principal.tenant, principal.scope,
                                      lifetime)  # fmt: skip
     if batch is None:  # deleted or expired since it was read
-        raise APIError(404, f"no such file: {row['id']}", param="input_file_id", code="file_not_found")
+        raise validation.file_not_found(row["id"], "input_file_id")
     request.app.state.batch_runner.wake()
     return batch_object(batch)
 

@@ -59,7 +59,7 @@ async def _file_row(store: AsyncStore, file_id: str, principal: PrincipalDep, pa
     validation.check_file_id(file_id, param)
     row = await store.get_file(file_id, principal.scope)
     if row is None:
-        raise APIError(404, f"no such file: {file_id}", param=param, code="file_not_found")
+        raise validation.file_not_found(file_id, param)
     return row
 
 
@@ -136,7 +136,7 @@ async def file_content(request: Request, principal: PrincipalDep, file_id: str):
     row = await _file_row(store, file_id, principal)
     path = store.sync.file_path(row["id"])
     if not path.exists():  # deleted or expired while this request ran
-        raise APIError(404, f"no such file: {file_id}", param="file_id", code="file_not_found")
+        raise validation.file_not_found(file_id)
     return FileResponse(path, media_type="application/octet-stream", filename=row["filename"])
 
 
@@ -150,5 +150,5 @@ async def delete_file(request: Request, principal: PrincipalDep, file_id: str):
         raise APIError(409, f"the file is the input of batch {e.batch_id}, which has not finished; cancel it first",
                        param="file_id", code="file_in_use") from None  # fmt: skip
     if not deleted:
-        raise APIError(404, f"no such file: {file_id}", param="file_id", code="file_not_found")
+        raise validation.file_not_found(file_id)
     return {"id": file_id, "object": "file", "deleted": True}
